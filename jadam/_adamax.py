@@ -1,0 +1,81 @@
+"""Adamax: Adam with the infinity norm, the `scale_by_adamax` block.
+
+Kingma & Ba, "Adam: A Method for Stochastic Optimization", arXiv:1412.6980, section 7.1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jadam import _numerics as nx
+from jadam._adam import ScaleByAdamState, check_moment_args
+from jadam._storage import resolve_storage
+
+
+def scale_by_adamax(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    convention: str = "optax",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Rescale updates by Adamax's infinity-norm estimate.
+
+    .. math::
+        m_t = b_1 m_{t-1} + (1 - b_1) g_t \\
+        u_t = \max(b_2 u_{t-1}, |g_t| + \epsilon), \qquad
+        \text{direction} = \frac{m_t}{(1 - b_1^t)\, u_t}
+
+    Conventions:
+
+    - ``"optax"`` and ``"pytorch"``: epsilon inside the maximum, as above.
+    - ``"keras"``: :math:`u_t = \max(b_2 u_{t-1}, |g_t|)` and the direction is
+      :math:`m_t / ((1 - b_1^t)(u_t + \epsilon))`.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the infinity norm, in [0, 1).
+      eps: >= 0, see the conventions.
+      mu_dtype, nu_dtype, convention: as in `scale_by_adam`.
+    """
+    check_moment_args(b1, b2, eps, 0.0, convention)
+    mu_store = resolve_storage("mu_dtype", mu_dtype)
+    nu_store = resolve_storage("nu_dtype", nu_dtype)
+
+    def init_fn(params):
+        return ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=jax.tree.map(mu_store.init, params),
+            nu=jax.tree.map(nu_store.init, params),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        count = nx.safe_increment(state.count)
+
+        def leaf_update(g, mu, nu):
+            dtype = nx.compute_dtype(g.dtype)
+            g32 = g.astype(dtype)
+            b1_, one_minus_b1 = nx.decay_terms(b1, dtype)
+            b2_, _ = nx.decay_terms(b2, dtype)
+            m = b1_ * mu_store.read(mu, dtype) + one_minus_b1 * g32
+            decayed = b2_ * nu_store.read(nu, dtype)
+            bc1 = nx.one_minus_power(b1, count, dtype)
+            if convention == "keras":
+                u = jnp.maximum(decayed, jnp.abs(g32))
+                direction = m / (bc1 * (u + eps))
+            else:
+                u = jnp.maximum(decayed, jnp.abs(g32) + eps)
+                direction = m / (bc1 * u)
+            return direction.astype(g.dtype), mu_store.write(m, mu), nu_store.write(u, nu)
+
+        direction, mu, nu = nx.map_moments(leaf_update, updates, state.mu, state.nu)
+        return direction, ScaleByAdamState(count, mu, nu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,166 @@
+"""Small numerical helpers shared by the transforms.
+
+Everything here is a pure function of its inputs. The comments say *why* a
+helper exists: most of them guard against a precision trap that one of the
+anchors (optax, PyTorch, Keras) falls into.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Scalar = Any  # a Python number, or a (possibly traced) 0-d jax array
+
+CONVENTIONS = ("optax", "pytorch", "keras")
+
+
+def is_none(x: Any) -> bool:
+    """`is_leaf` for tree maps in which `None` leaves pass through."""
+    return x is None
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype moment arithmetic runs in: float32 or wider, never bf16/f16.
+
+    A bfloat16 `b2 = 0.999` rounds to 1.0, so a second moment updated in bf16
+    never decays (optax with bf16 params, Keras' Adam on bf16 variables).
+    """
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def concrete_float(x: Any) -> float | None:
+    """`x` as a Python float when it is known at trace time, else None.
+
+    Hyperparameters are concrete when the user passes numbers, and traced
+    arrays under `optax.inject_hyperparams` inside `jit`.
+    """
+    if callable(x):
+        return None
+    try:
+        return float(x)
+    except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
+def decay_terms(decay: Scalar, dtype: Any) -> tuple[Any, Any]:
+    """(`decay`, `1 - decay`) ready to multiply arrays of `dtype`.
+
+    For a Python number both are computed in double precision and stay weakly
+    typed, so `1 - 0.999` is 0.001 to the last bit of `dtype` instead of
+    `1 - float32(0.999)`, which is off by 1.3e-5 relative.
+    """
+    value = concrete_float(decay)
+    if value is not None:
+        return value, 1.0 - value
+    decay = jnp.asarray(decay).astype(dtype)
+    return decay, 1 - decay
+
+
+def one_minus_power(decay: Scalar, count: jax.Array, dtype: Any) -> jax.Array:
+    """`1 - decay**count` in `dtype` (float32 or wider), accurate for decay near 1.
+
+    Written as `-expm1(count * log(decay))` with `log(decay)` taken in double
+    precision when `decay` is a Python number: `1 - float32(0.999)**1` carries
+    a 1.3e-5 relative error, this carries one rounding.
+    """
+    count = count.astype(dtype)
+    value = concrete_float(decay)
+    if value is not None:
+        if value == 0.0:
+            return jnp.ones_like(count)
+        log_decay = math.log(value)
+    else:
+        log_decay = jnp.log(jnp.asarray(decay).astype(dtype))
+    return -jnp.expm1(count * log_decay)
+
+
+def power(decay: Scalar, count: jax.Array, dtype: Any) -> jax.Array:
+    """`decay**count` in `dtype`, with the same care as `one_minus_power`."""
+    return 1 - one_minus_power(decay, count, dtype)
+
+
+def safe_increment(count: jax.Array) -> jax.Array:
+    """`count + 1`, saturating at the dtype's maximum instead of wrapping.
+
+    An int32 step counter that wraps to -2**31 would turn bias corrections into
+    garbage after 2**31 steps; saturation keeps them at their limit of 1.
+    """
+    limit = jnp.array(jnp.iinfo(count.dtype).max, count.dtype)
+    return jnp.where(count < limit, count + 1, limit)
+
+
+def tree_widest_float(tree: Any) -> jnp.dtype:
+    """The widest compute dtype over the floating leaves of `tree` (float32 if none)."""
+    dtype = jnp.dtype(jnp.float32)
+    for leaf in jax.tree.leaves(tree):
+        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+            dtype = jnp.promote_types(dtype, compute_dtype(leaf.dtype))
+    return dtype
+
+
+def flatten_like(updates: Any, moments: Any) -> tuple[Any, list[Any]]:
+    """(treedef of `updates`, the per-leaf pieces of `moments`), or a readable error.
+
+    `moments` must have the gradient tree's structure, where each stored moment
+    may itself be a small pytree (codes and scales of a quantized storage).
+    """
+    treedef = jax.tree.structure(updates, is_leaf=is_none)
+    try:
+        return treedef, treedef.flatten_up_to(moments)
+    except (ValueError, TypeError) as err:
+        state_def = jax.tree.structure(moments, is_leaf=is_none)
+        raise ValueError(
+            "The gradient tree does not match the optimizer state: update() received "
+            f"gradients of structure\n  {treedef}\nbut the state was built by init() for\n"
+            f"  {state_def}\nCall init() on parameters shaped like the gradients you pass "
+            "to update()."
+        ) from err
+
+
+# --- hyperparameter validation (at build time, never as NaNs later) -------------
+
+
+def check_convention(convention: Any) -> str:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}.")
+    return convention
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """`value >= 0` when it is concrete; schedules and traced values pass."""
+    number = concrete_float(value)
+    if number is not None and not number >= 0:  # `not >=` also rejects NaN
+        raise ValueError(f"{name} must be >= 0, got {number!r}.")
+
+
+def check_decay(name: str, value: Any) -> None:
+    """A moment decay rate must lie in [0, 1)."""
+    number = concrete_float(value)
+    if number is not None and not 0.0 <= number < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {number!r}.")
+
+
+def check_finite(name: str, value: Any) -> None:
+    number = concrete_float(value)
+    if number is not None and not np.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number!r}.")
+
+
+def map_moments(fn: Any, updates: Any, *moment_trees: Any) -> tuple[Any, ...]:
+    """Apply `fn(g, *moments)` leaf by leaf; return one tree per output of `fn`.
+
+    The gradient tree gives the structure (see `flatten_like`). A `None`
+    gradient leaf gives `None` in every output.
+    """
+    treedef = jax.tree.structure(updates, is_leaf=is_none)
+    grads = treedef.flatten_up_to(updates)
+    columns = [flatten_like(updates, moments)[1] for moments in moment_trees]
+    results = [None if g is None else fn(g, *row) for g, *row in zip(grads, *columns, strict=True)]
+    width = next((len(r) for r in results if r is not None), 1 + len(moment_trees))
+    outputs = [[None if r is None else r[i] for r in results] for i in range(width)]
+    return tuple(treedef.unflatten(column) for column in outputs)
