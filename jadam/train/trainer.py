@@ -1,0 +1,539 @@
+"""Trainer: Keras-like ``fit`` / ``evaluate`` / ``predict`` / ``summary`` for Flax models.
+
+    >>> import jadam
+    >>> ds = jadam.datasets.load("breast_cancer")
+    >>> trainer = jadam.Trainer(jadam.MLP((32, 1)), "adam", loss="binary_crossentropy",
+    ...                         metrics=["accuracy"])
+    >>> history = trainer.fit(ds.x_train, ds.y_train, epochs=5, verbose=0)
+    >>> sorted(history.history)
+    ['accuracy', 'loss']
+
+Outside it reads like Keras; inside, each epoch (or each ``steps_per_call`` chunk of
+one) is a single compiled ``lax.scan`` (see :mod:`jadam.train.loop`). The trainer
+never touches the optimizer's math: it calls ``tx.init`` and ``tx.update`` of
+whatever optax transformation it was given.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jadam.train import io as _io
+from jadam.train.callbacks import Callback
+from jadam.train.datasets import check_finite
+from jadam.train.history import History
+from jadam.train.losses import get_loss, get_metric
+from jadam.train.loop import Programs, TrainState, batch_plan
+from jadam.train.models import ModelAdapter
+
+# name -> attribute of the `jadam` package holding the constructor. One small table;
+# options (learning_rate, b1, ...) are passed through as keyword arguments.
+OPTIMIZERS = {
+    "adam": "adam",
+    "adamw": "adamw",
+    "nadam": "nadam",
+    "radam": "radam",
+    "adamax": "adamax",
+    "amsgrad": "amsgrad",
+}
+
+
+def make_optimizer(name: str, options: Mapping[str, Any] | None = None):
+    """Build a jadam optimizer by name, e.g. ``make_optimizer("adam", {"learning_rate": 1e-2})``."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; known optimizers: {sorted(OPTIMIZERS)}")
+    import jadam
+
+    ctor = getattr(jadam, OPTIMIZERS[name], None)
+    if ctor is None:
+        raise ValueError(f"optimizer {name!r} is not available in this jadam build")
+    try:
+        return ctor(**dict(options or {}))
+    except TypeError as e:
+        raise ValueError(f"bad options for optimizer {name!r}: {e}") from None
+
+
+def _to_tree(x: Any, what: str) -> Any:
+    """Inputs as NumPy: an array, a tuple of arrays, or a dict of arrays."""
+    if isinstance(x, Mapping):
+        if not x:
+            raise ValueError(f"{what} is an empty dict")
+        return {str(k): _to_tree(v, what + f"[{k!r}]") for k, v in x.items()}
+    # A tuple is several inputs; so is a list of arrays (a list of numbers is one array).
+    if isinstance(x, tuple) or (isinstance(x, list) and x and all(hasattr(v, "shape") for v in x)):
+        if not x:
+            raise ValueError(f"{what} is an empty tuple")
+        return tuple(_to_tree(v, what + f"[{i}]") for i, v in enumerate(x))
+    a = np.asarray(x)
+    if a.dtype.kind not in "biuf":
+        raise ValueError(f"{what} must be numeric, got dtype {a.dtype}")
+    if a.ndim == 0:
+        raise ValueError(f"{what} must have a leading batch axis, got a scalar")
+    if a.ndim == 1:
+        a = a[:, None]  # a single feature per example
+    check_finite(a, what)
+    return a.astype(np.float32)
+
+
+def _length(x: Any, what: str) -> int:
+    lens = {leaf.shape[0] for leaf in jax.tree.leaves(x)}
+    if len(lens) != 1:
+        raise ValueError(f"the arrays in {what} have different lengths: {sorted(lens)}")
+    n = lens.pop()
+    if n == 0:
+        raise ValueError(f"{what} is empty (0 examples)")
+    return n
+
+
+def _spec(x: Any) -> Any:
+    """Shape/dtype description of one example (JSON-able), for checks and export."""
+    if isinstance(x, dict):
+        return {"dict": {k: _spec(v) for k, v in x.items()}}
+    if isinstance(x, tuple):
+        return {"tuple": [_spec(v) for v in x]}
+    return {"shape": list(x.shape[1:]), "dtype": str(x.dtype)}
+
+
+class Trainer:
+    """Train a Flax model (Linen or NNX) the way Keras trains one.
+
+    Args:
+      model: a ``flax.linen.Module`` (e.g. :class:`jadam.MLP`) or a ``flax.nnx.Module``.
+        Inputs may be an array, a tuple (positional arguments) or a dict (keywords).
+      optimizer: a name (``"adam"``, ``"adamw"``, ``"nadam"``, ``"radam"``,
+        ``"adamax"``, ``"amsgrad"``) built with ``optimizer_options``, or any optax
+        ``GradientTransformation``.
+      loss: ``binary_crossentropy``, ``categorical_crossentropy``,
+        ``sparse_categorical_crossentropy``, ``mse`` or ``mae``; computed from logits.
+      metrics: any of ``accuracy`` (matching the loss), ``auc`` (binary), ``mse``, ``mae``.
+      l1, l2: weight penalties added to the loss (kernels only), distinct from an
+        optimizer's decoupled weight decay.
+      seed: seeds parameter initialization and the shuffling of every epoch.
+      steps_per_call: run a long epoch as chunks of this many steps (one compiled
+        call each); ``None`` runs the whole epoch as one call.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        optimizer: str | optax.GradientTransformation = "adam",
+        loss: str = "binary_crossentropy",
+        metrics: Sequence[str] = ("accuracy",),
+        *,
+        optimizer_options: Mapping[str, Any] | None = None,
+        l1: float = 0.0,
+        l2: float = 0.0,
+        seed: int = 0,
+        steps_per_call: int | None = None,
+    ):
+        self.loss = get_loss(loss)
+        if isinstance(metrics, str):
+            metrics = (metrics,)
+        self.metric_objs = [get_metric(m, self.loss) for m in metrics]
+        names = [m.name for m in self.metric_objs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"metrics listed twice: {list(metrics)}")
+        if isinstance(optimizer, str):
+            self.optimizer_config = {"name": optimizer, "options": dict(optimizer_options or {})}
+            self.tx = make_optimizer(optimizer, optimizer_options)
+        elif isinstance(optimizer, optax.GradientTransformation):
+            if optimizer_options:
+                raise ValueError("optimizer_options only apply to an optimizer given by name")
+            self.optimizer_config = {"name": None, "options": {}}
+            self.tx = optimizer
+        else:
+            raise TypeError(
+                "optimizer must be a name or an optax GradientTransformation, "
+                f"got {type(optimizer).__name__}"
+            )
+        for name, v in (("l1", l1), ("l2", l2)):
+            if not np.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        if steps_per_call is not None and int(steps_per_call) < 1:
+            raise ValueError(f"steps_per_call must be >= 1, got {steps_per_call}")
+        self.adapter = ModelAdapter(model)
+        self.l1, self.l2, self.seed = float(l1), float(l2), int(seed)
+        self.steps_per_call = None if steps_per_call is None else int(steps_per_call)
+        self.programs = Programs(self.adapter, self.tx, self.loss, self.metric_objs, l1, l2)
+        self.np_rng = np.random.default_rng(self.seed)  # shuffling: NumPy, on the host
+        self.state: TrainState | None = None
+        self.rest: Any = None
+        self.input_spec: Any = None
+        self.output_shape: tuple[int, ...] | None = None
+        self.epochs_done = 0
+        self.history = History()  # every epoch of every fit call
+        self.stop_training = False
+
+    # ------------------------------------------------------------------ building
+
+    @property
+    def built(self) -> bool:
+        return self.state is not None
+
+    def build(self, x: Any) -> Trainer:
+        """Initialize parameters and optimizer state from example inputs."""
+        x = _to_tree(x, "x")
+        _length(x, "x")
+        if self.built:
+            self._check_inputs(x, "x")
+            return self
+        key = jax.random.key(self.seed)
+        sample = jax.tree.map(lambda a: jnp.asarray(a[:1]), x)
+        params, rest = self.adapter.init(key, sample)
+        self.rest = rest
+        self.input_spec = _spec(x)
+        rng = jax.random.key_data(jax.random.fold_in(key, 1)).astype(jnp.uint32)
+        self.state = self.programs.init_state(params, rng)
+        out = jax.eval_shape(lambda p, r, s: self.adapter.apply(p, r, s), params, rest, sample)
+        self.output_shape = tuple(out.shape[1:])
+        return self
+
+    def _check_inputs(self, x: Any, what: str) -> None:
+        spec = _spec(x)
+        if spec != self.input_spec:
+            raise ValueError(
+                f"{what} does not match the model's inputs: expected {self.input_spec}, got {spec}"
+            )
+
+    @property
+    def params(self) -> Any:
+        self._need_built()
+        return self.state.params
+
+    def set_params(self, params: Any) -> None:
+        """Replace the parameters (same structure and shapes); optimizer state is kept."""
+        self._need_built()
+        old = jax.tree.structure(self.state.params)
+        if jax.tree.structure(params) != old:
+            raise ValueError("set_params: parameter structure differs from the model's")
+        new = jax.tree.map(
+            lambda o, p: jnp.asarray(p, o.dtype) if np.shape(p) == o.shape else None,
+            self.state.params, params,
+        )  # fmt: skip
+        if any(v is None for v in jax.tree.leaves(new, is_leaf=lambda v: v is None)):
+            raise ValueError("set_params: parameter shapes differ from the model's")
+        self.state = self.state._replace(params=new)
+
+    @property
+    def model(self) -> Any:
+        """The model; for NNX a new module object holding the trained parameters."""
+        if self.adapter.kind == "nnx" and self.built:
+            return self.adapter.merged(self.state.params, self.rest)
+        return self.adapter.model
+
+    @property
+    def step(self) -> int:
+        return 0 if not self.built else int(self.state.step)
+
+    def _need_built(self) -> None:
+        if not self.built:
+            raise RuntimeError("the trainer is not built yet: call fit(...) or build(x) first")
+
+    # ------------------------------------------------------------------ validation
+
+    def _prepare(self, x: Any, y: Any, what: str = "") -> tuple[Any, np.ndarray, int]:
+        """Check and convert (x, y) before anything runs; returns NumPy arrays and n."""
+        x = _to_tree(x, f"{what}x")
+        if y is None:
+            raise ValueError(f"{what}y is missing")
+        y = np.asarray(y)
+        if y.dtype.kind not in "biuf":
+            raise ValueError(f"{what}y must be numeric, got dtype {y.dtype}")
+        check_finite(y, f"{what}y")
+        n = _length(x, f"{what}x")
+        if y.ndim == 0 or len(y) != n:
+            raise ValueError(f"{what}x has {n} examples but {what}y has {y.shape[:1] or 'no'} rows")
+        if self.built:
+            self._check_inputs(x, f"{what}x")
+        else:
+            self.build(x)
+        return x, self._check_labels(y, what), n
+
+    def _check_labels(self, y: np.ndarray, what: str) -> np.ndarray:
+        out = self.output_shape
+        task = self.loss.task
+        name = self.loss.name
+        if task == "binary":
+            if y.shape[1:] not in ((), out) and not (y.ndim == 2 and y.shape[1] == 1 and out == (1,)):
+                raise ValueError(
+                    f"{name}: {what}y has shape {y.shape}, the model outputs {out} per example"
+                )
+            if int(np.prod(out)) != int(np.prod(y.shape[1:])):
+                raise ValueError(f"{name}: {what}y shape {y.shape} does not fit outputs {out}")
+            bad = ~np.isin(y, (0, 1))
+            if bad.any():
+                raise ValueError(
+                    f"{name} needs labels in {{0, 1}}; {what}y has {np.unique(y[bad])[:5]}"
+                )
+            return y.reshape(len(y), *out).astype(np.float32)
+        if task == "sparse":
+            if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
+                raise ValueError(
+                    f"{name} needs integer class labels of shape (n,), got {what}y {y.shape}"
+                    " (one-hot labels go with categorical_crossentropy)"
+                )
+            k = out[-1]
+            if len(out) != 1:
+                raise ValueError(f"{name} needs a model with outputs (classes,), got {out}")
+            if np.any(y != np.round(y)) or y.min() < 0 or y.max() >= k:
+                raise ValueError(
+                    f"{name} needs integer labels in [0, {k}); {what}y spans "
+                    f"[{y.min()}, {y.max()}]"
+                )
+            return y.reshape(-1).astype(np.int32)
+        if task == "categorical":
+            if y.shape[1:] != out:
+                raise ValueError(
+                    f"{name} needs one-hot labels of shape (n, {', '.join(map(str, out))}), "
+                    f"got {what}y {y.shape}"
+                )
+            if y.min() < 0 or y.max() > 1:
+                raise ValueError(f"{name} needs label probabilities in [0, 1]")
+            return y.astype(np.float32)
+        if int(np.prod(y.shape[1:])) != int(np.prod(out)):
+            raise ValueError(f"{name}: {what}y shape {y.shape} does not fit outputs {out}")
+        return y.reshape(len(y), *out).astype(np.float32)
+
+    @staticmethod
+    def _check_batch_size(batch_size: Any) -> int:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        return int(batch_size)
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(
+        self,
+        x: Any,
+        y: Any,
+        batch_size: int = 32,
+        epochs: int = 1,
+        validation_data: tuple[Any, Any] | None = None,
+        validation_split: float = 0.0,
+        shuffle: bool = True,
+        callbacks: Sequence[Callback] = (),
+        verbose: int = 1,
+    ) -> History:
+        """Train for ``epochs`` more epochs; a second call continues where this one ended."""
+        batch_size = self._check_batch_size(batch_size)
+        if isinstance(epochs, bool) or not isinstance(epochs, int | np.integer) or epochs < 0:
+            raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+        if not 0.0 <= validation_split < 1.0:
+            raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
+        if validation_data is not None and validation_split:
+            raise ValueError("give validation_data or validation_split, not both")
+        if verbose not in (0, 1, 2):
+            raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be jadam Callback objects, got {type(cb).__name__}")
+        x, y, n = self._prepare(x, y)
+        val = None
+        if validation_split:
+            n_val = int(n * validation_split)  # the last rows, as in Keras (before shuffling)
+            if n_val < 1 or n_val >= n:
+                raise ValueError(f"validation_split={validation_split} leaves no data on one side")
+            cut = n - n_val
+            val = (jax.tree.map(lambda a: a[cut:], x), y[cut:], n_val)
+            x, y, n = jax.tree.map(lambda a: a[:cut], x), y[:cut], cut
+        elif validation_data is not None:
+            if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
+                raise ValueError("validation_data must be a pair (x_val, y_val)")
+            val = self._prepare(validation_data[0], validation_data[1], "validation ")
+
+        # The data go to the device once for the whole fit.
+        xd, yd = jax.device_put(x), jax.device_put(y)
+        vald = None
+        if val is not None:
+            vx, vy, vn = val
+            vald = (jax.device_put(vx), jax.device_put(vy), *map(jax.device_put, batch_plan(vn, batch_size)))
+
+        steps = -(-n // batch_size)
+        spc = self.steps_per_call or steps
+        history = History()
+        self.stop_training = False
+        for cb in callbacks:
+            cb.set_trainer(self)
+            cb.on_train_begin({})
+        progress = _Progress(verbose, epochs, self.epochs_done)
+        try:
+            for _ in range(epochs):
+                t0 = time.perf_counter()
+                perm = self.np_rng.permutation(n).astype(np.int32) if shuffle else None
+                idx, w = batch_plan(n, batch_size, perm)
+                total = None
+                for start in range(0, steps, spc):
+                    # A chunk is one compiled call; only the chunk's indices cross over.
+                    self.state, flat = self.programs.train_chunk(
+                        self.state, self.rest, xd, yd, idx[start : start + spc], w[start : start + spc]
+                    )
+                    flat = np.asarray(flat)  # host sync point: once per call
+                    total = flat if total is None else total + flat
+                    if spc < steps:
+                        progress.chunk(min(start + spc, steps) / steps, self._logs(total))
+                logs = self._logs(total)
+                if vald is not None:
+                    vlogs = self._evaluate_placed(self.state.params, *vald)
+                    logs.update({"val_" + k: v for k, v in vlogs.items()})
+                epoch = self.epochs_done
+                self.epochs_done += 1
+                history.append(epoch, logs)
+                self.history.append(epoch, logs)
+                progress.epoch_end(epoch, logs, time.perf_counter() - t0)
+                for cb in callbacks:
+                    cb.on_epoch_end(epoch, logs)
+                if self.stop_training:
+                    break
+        finally:
+            progress.close()
+        for cb in callbacks:
+            cb.on_train_end(history.history)
+        return history
+
+    def _logs(self, flat: np.ndarray) -> dict[str, float]:
+        return self.programs.results(self.programs.unflatten(flat))
+
+    # ------------------------------------------------------------------ evaluate / predict
+
+    def _evaluate_placed(self, params, x, y, idx, w) -> dict[str, float]:
+        flat = self.programs.eval_chunk(params, self.rest, x, y, idx, w)
+        return self._logs(np.asarray(flat))
+
+    def evaluate(self, x: Any, y: Any, batch_size: int = 256, verbose: int = 0) -> dict[str, float]:
+        """Loss and metrics over all of ``(x, y)`` (weighted: the last partial batch counts)."""
+        batch_size = self._check_batch_size(batch_size)
+        self._need_built()
+        x, y, n = self._prepare(x, y)
+        idx, w = batch_plan(n, batch_size)
+        logs = self._evaluate_placed(self.state.params, jax.device_put(x), jax.device_put(y), idx, w)
+        if verbose:
+            print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
+        return logs
+
+    def predict(self, x: Any, batch_size: int = 256) -> np.ndarray:
+        """Outputs for ``x``: probabilities for classification losses, values for regression."""
+        batch_size = self._check_batch_size(batch_size)
+        self._need_built()
+        x = _to_tree(x, "x")
+        n = _length(x, "x")
+        self._check_inputs(x, "x")
+        idx, _ = batch_plan(n, batch_size)
+        out = self.programs.predict_chunk(self.state.params, self.rest, jax.device_put(x), idx)
+        return np.asarray(out)[:n]
+
+    # ------------------------------------------------------------------ summary
+
+    def summary(self, print_fn=print) -> str:
+        """Flax's layer table, the parameter count and the optimizer state's bytes."""
+        self._need_built()
+        sample = _example(self.input_spec)
+        table = self.adapter.tabulate(jax.random.key(self.seed), sample)
+        leaves = jax.tree.leaves(self.state.params)
+        n_params = sum(int(np.prod(a.shape)) for a in leaves)
+        p_bytes = sum(a.nbytes for a in leaves)
+        o_bytes = sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(self.state.opt_state))
+        opt = self.optimizer_config["name"] or "custom optax transformation"
+        text = (
+            f"{table}\n"
+            f"Total params: {n_params:,} ({_fmt_bytes(p_bytes)})\n"
+            f"Optimizer: {opt}; state: {o_bytes:,} bytes ({_fmt_bytes(o_bytes)})\n"
+            f"Loss: {self.loss.name}; metrics: {[m.name for m in self.metric_objs]}"
+        )
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    # ------------------------------------------------------------------ save / load / export
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Checkpoint: parameters, optimizer state, step, RNGs and the model's config.
+
+        Written to a temporary folder, then renamed: an interrupted save leaves the old
+        checkpoint (or nothing), never a half-written one.
+        """
+        self._need_built()
+        _io.save_trainer(self, os.fspath(directory))
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike, *, model: Any = None,
+        optimizer: optax.GradientTransformation | None = None,
+    ) -> Trainer:  # fmt: skip
+        """Rebuild a trainer from ``save``. jadam's models rebuild from the stored JSON
+        config; a model of your own (or an optimizer given as an optax object) is passed
+        in. Checksums and shapes are verified; nothing in the folder is executed."""
+        return _io.load_trainer(cls, os.fspath(directory), model=model, optimizer=optimizer)
+
+    def export(
+        self, path: str | os.PathLike, platforms: Sequence[str] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        """Write the prediction function with ``jax.export`` (+ a JSON sidecar).
+
+        ``jadam.load_exported(path)`` runs it without this model's Python code, for any
+        batch size. ``metadata`` (JSON-able) is stored in the sidecar.
+        """
+        self._need_built()
+        _io.export_trainer(self, os.fspath(path), platforms, dict(metadata or {}))
+
+
+def _example(spec: Any) -> Any:
+    if "dict" in spec:
+        return {k: _example(v) for k, v in spec["dict"].items()}
+    if "tuple" in spec:
+        return tuple(_example(v) for v in spec["tuple"])
+    return jnp.zeros((1, *spec["shape"]), spec["dtype"])
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class _Progress:
+    """tqdm bar on a terminal (verbose=1); Keras-like lines otherwise; nothing at 0."""
+
+    def __init__(self, verbose: int, epochs: int, first: int):
+        self.verbose, self.epochs, self.first = verbose, epochs, first
+        self.bar = None
+        if verbose == 1 and sys.stdout.isatty() and epochs > 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=epochs, unit="epoch", file=sys.stdout, dynamic_ncols=True)
+
+    @staticmethod
+    def _fmt(logs: dict) -> str:
+        return " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
+
+    def chunk(self, fraction: float, logs: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{fraction:4.0%} {self._fmt(logs)}", refresh=True)
+
+    def epoch_end(self, epoch: int, logs: dict, seconds: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._fmt(logs), refresh=False)
+            self.bar.update(1)
+        elif self.verbose:
+            i = epoch - self.first + 1
+            print(
+                f"Epoch {i}/{self.epochs} - {seconds * 1e3:.0f}ms - {self._fmt(logs)}",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
