@@ -112,7 +112,9 @@ class ModelCheckpoint(Callback):
     def on_epoch_end(self, epoch, logs):
         if self.save_best_only:
             if self.monitor not in logs:
-                raise ValueError(f"ModelCheckpoint monitors {self.monitor!r}, not in {sorted(logs)}")
+                raise ValueError(
+                    f"ModelCheckpoint monitors {self.monitor!r}, not in {sorted(logs)}"
+                )
             v = float(logs[self.monitor])
             if not (v < self.best if self.mode == "min" else v > self.best):
                 return

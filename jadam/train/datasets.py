@@ -90,7 +90,7 @@ def load(
     *,
     target: str | int | None = None,
     val_fraction: float = 0.15,
-    test_fraction: float = 0.15,
+    test_fraction: float = 0.2,
     seed: int = 0,
     standardize: bool = True,
     task: str | None = None,
@@ -319,6 +319,8 @@ def read_features_csv(path: str, feature_names: list[str]) -> np.ndarray:
     header, cols = read_csv(path)
     missing = [f for f in feature_names if f not in header]
     if missing:
-        raise ValueError(f"{path} lacks feature columns {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        raise ValueError(
+            f"{path} lacks feature columns {missing[:5]}{'...' if len(missing) > 5 else ''}"
+        )
     x = np.stack([_numeric(cols[header.index(f)], f, path) for f in feature_names], 1)
     return x.astype(np.float32)

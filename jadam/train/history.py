@@ -10,7 +10,9 @@ import os
 class History:
     """``history`` maps ``"loss"``, each metric and their ``"val_"`` forms to lists."""
 
-    def __init__(self, history: dict[str, list[float]] | None = None, epoch: list[int] | None = None):
+    def __init__(
+        self, history: dict[str, list[float]] | None = None, epoch: list[int] | None = None
+    ):
         self.history: dict[str, list[float]] = {k: list(v) for k, v in (history or {}).items()}
         self.epoch: list[int] = list(epoch or [])
 

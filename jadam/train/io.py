@@ -90,7 +90,13 @@ def save_trainer(trainer, directory: str) -> None:
         "format": FORMAT,
         "version": VERSION,
         "arrays": [
-            {"key": k, "path": p, "shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha256(a)}
+            {
+                "key": k,
+                "path": p,
+                "shape": list(a.shape),
+                "dtype": str(a.dtype),
+                "sha256": _sha256(a),
+            }
             for (k, a), (p, _) in zip(arrays.items(), items, strict=True)
         ],
     }
@@ -147,7 +153,9 @@ def read_config(directory: str) -> dict:
         raise FileNotFoundError(f"no checkpoint at {directory}")
     cfg = _read_json(os.path.join(directory, "config.json"), "checkpoint config")
     if cfg.get("format") != FORMAT:
-        raise CheckpointError(f"{directory} is not a jadam checkpoint (format {cfg.get('format')!r})")
+        raise CheckpointError(
+            f"{directory} is not a jadam checkpoint (format {cfg.get('format')!r})"
+        )
     return cfg
 
 
@@ -309,7 +317,9 @@ class ExportedModel:
         x = _to_tree(x, "x")
         _length(x, "x")
         if _spec(x) != self.input_spec:
-            raise ValueError(f"inputs {_spec(x)} do not match the exported model's {self.input_spec}")
+            raise ValueError(
+                f"inputs {_spec(x)} do not match the exported model's {self.input_spec}"
+            )
         return np.asarray(self._exported.call(x))
 
     def __repr__(self) -> str:

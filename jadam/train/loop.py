@@ -95,7 +95,9 @@ class Programs:
 
     @staticmethod
     def _flat(sums) -> jax.Array:
-        return jnp.concatenate([jnp.ravel(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(sums)])
+        return jnp.concatenate(
+            [jnp.ravel(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(sums)]
+        )
 
     def unflatten(self, flat: np.ndarray) -> list[Any]:
         """Host side: the flat vector back into per-metric sums (NumPy)."""

@@ -31,8 +31,8 @@ from jadam.train import io as _io
 from jadam.train.callbacks import Callback
 from jadam.train.datasets import check_finite
 from jadam.train.history import History
-from jadam.train.losses import get_loss, get_metric
 from jadam.train.loop import Programs, TrainState, batch_plan
+from jadam.train.losses import get_loss, get_metric
 from jadam.train.models import ModelAdapter
 
 # name -> attribute of the `jadam` package holding the constructor. One small table;
@@ -44,6 +44,8 @@ OPTIMIZERS = {
     "radam": "radam",
     "adamax": "adamax",
     "amsgrad": "amsgrad",
+    "nadamw": "nadamw",
+    "adamaxw": "adamaxw",
 }
 
 
@@ -263,7 +265,9 @@ class Trainer:
         task = self.loss.task
         name = self.loss.name
         if task == "binary":
-            if y.shape[1:] not in ((), out) and not (y.ndim == 2 and y.shape[1] == 1 and out == (1,)):
+            if y.shape[1:] not in ((), out) and not (
+                y.ndim == 2 and y.shape[1] == 1 and out == (1,)
+            ):
                 raise ValueError(
                     f"{name}: {what}y has shape {y.shape}, the model outputs {out} per example"
                 )
@@ -286,8 +290,7 @@ class Trainer:
                 raise ValueError(f"{name} needs a model with outputs (classes,), got {out}")
             if np.any(y != np.round(y)) or y.min() < 0 or y.max() >= k:
                 raise ValueError(
-                    f"{name} needs integer labels in [0, {k}); {what}y spans "
-                    f"[{y.min()}, {y.max()}]"
+                    f"{name} needs integer labels in [0, {k}); {what}y spans [{y.min()}, {y.max()}]"
                 )
             return y.reshape(-1).astype(np.int32)
         if task == "categorical":
@@ -337,7 +340,9 @@ class Trainer:
             raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
         for cb in callbacks:
             if not isinstance(cb, Callback):
-                raise TypeError(f"callbacks must be jadam Callback objects, got {type(cb).__name__}")
+                raise TypeError(
+                    f"callbacks must be jadam Callback objects, got {type(cb).__name__}"
+                )
         x, y, n = self._prepare(x, y)
         val = None
         if validation_split:
@@ -357,7 +362,11 @@ class Trainer:
         vald = None
         if val is not None:
             vx, vy, vn = val
-            vald = (jax.device_put(vx), jax.device_put(vy), *map(jax.device_put, batch_plan(vn, batch_size)))
+            vald = (
+                jax.device_put(vx),
+                jax.device_put(vy),
+                *map(jax.device_put, batch_plan(vn, batch_size)),
+            )
 
         steps = -(-n // batch_size)
         spc = self.steps_per_call or steps
@@ -376,7 +385,12 @@ class Trainer:
                 for start in range(0, steps, spc):
                     # A chunk is one compiled call; only the chunk's indices cross over.
                     self.state, flat = self.programs.train_chunk(
-                        self.state, self.rest, xd, yd, idx[start : start + spc], w[start : start + spc]
+                        self.state,
+                        self.rest,
+                        xd,
+                        yd,
+                        idx[start : start + spc],
+                        w[start : start + spc],
                     )
                     flat = np.asarray(flat)  # host sync point: once per call
                     total = flat if total is None else total + flat
@@ -416,7 +430,9 @@ class Trainer:
         self._need_built()
         x, y, n = self._prepare(x, y)
         idx, w = batch_plan(n, batch_size)
-        logs = self._evaluate_placed(self.state.params, jax.device_put(x), jax.device_put(y), idx, w)
+        logs = self._evaluate_placed(
+            self.state.params, jax.device_put(x), jax.device_put(y), idx, w
+        )
         if verbose:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
         return logs

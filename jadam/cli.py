@@ -1,0 +1,276 @@
+"""The ``jadam`` command: train, evaluate and predict from the shell.
+
+    jadam train                                  # Dense 32 relu -> 1, Adam 1e-3, batch 32,
+                                                 # 50 epochs on breast_cancer
+    jadam train --data digits --layers 64 --epochs 30 --out runs/digits
+    jadam train --data my.csv --target label --optimizer adamw --lr 3e-3 --weight-decay 1e-4
+    jadam evaluate runs/digits                   # the run's own test split
+    jadam evaluate runs/mine --data other.csv    # a file with the same columns
+    jadam predict runs/mine --input new.csv --output predictions.csv
+
+A run folder holds ``checkpoint/`` (``jadam.Trainer.load``), ``model.jaxexport`` (+
+``.json``; ``jadam.load_exported``), ``history.json``, ``curves.png``, ``data.json``
+(feature names, standardization fitted on the training split, classes) and
+``metrics.json`` (test loss and metrics). It is written to a temporary folder and
+renamed at the end, so a failed run never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jadam", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model and write a run folder")
+    t.add_argument(
+        "--data",
+        default="breast_cancer",
+        help="built-in name (breast_cancer, digits, iris, wine) or a .csv/.npy/.npz path",
+    )
+    t.add_argument("--target", default=None, help="label column of a data file")
+    t.add_argument(
+        "--layers",
+        default="32",
+        help="hidden layer sizes, comma-separated (the output layer is added)",
+    )
+    t.add_argument("--activation", default="relu")
+    t.add_argument("--optimizer", default="adam", help="adam, adamw, nadam, radam, adamax, amsgrad")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    t.add_argument("--b1", type=float, default=None)
+    t.add_argument("--b2", type=float, default=None)
+    t.add_argument("--eps", type=float, default=None)
+    t.add_argument("--weight-decay", type=float, default=None, help="for adamw / nadamw")
+    t.add_argument("--l2", type=float, default=0.0, help="L2 penalty on kernels, in the loss")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--epochs", type=int, default=50)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val-fraction", type=float, default=0.15)
+    t.add_argument("--test-fraction", type=float, default=0.2)
+    t.add_argument("--out", default=None, help="run folder (default runs/<data>-<time>)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    t.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+
+    e = sub.add_parser("evaluate", help="loss and metrics of a trained run on data")
+    e.add_argument("run")
+    e.add_argument(
+        "--data",
+        default=None,
+        help="built-in name (its test split) or a file; default: the run's test split",
+    )
+    e.add_argument("--target", default=None, help="label column (default: the run's)")
+    e.add_argument("--batch-size", type=int, default=256)
+
+    r = sub.add_parser("predict", help="predict a CSV of inputs with a run's exported model")
+    r.add_argument("run")
+    r.add_argument("--input", required=True, help="CSV with the training feature columns")
+    r.add_argument("--output", default=None, help="CSV to write (default: stdout)")
+    return p  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command](args)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"jadam {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _optimizer_options(args) -> dict:
+    opts = {"learning_rate": args.lr}
+    for name in ("b1", "b2", "eps"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    if args.weight_decay is not None:
+        opts["weight_decay"] = args.weight_decay
+    return opts
+
+
+def _train(args) -> int:
+    import jax
+
+    from jadam.train import datasets
+    from jadam.train.io import atomic_dir
+    from jadam.train.models import MLP
+    from jadam.train.trainer import Trainer
+
+    try:
+        hidden = [int(s) for s in args.layers.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--layers must be comma-separated integers, got {args.layers!r}"
+        ) from None
+    if any(h < 1 for h in hidden):
+        raise ValueError(f"--layers sizes must be >= 1, got {args.layers!r}")
+    out = args.out or os.path.join(
+        "runs",
+        f"{os.path.splitext(os.path.basename(args.data))[0]}-{time.strftime('%Y%m%d-%H%M%S')}",
+    )
+    if os.path.exists(out) and not args.overwrite:
+        raise ValueError(f"run folder {out} exists; choose another --out or pass --overwrite")
+
+    # Everything is checked before any training step.
+    ds = datasets.load(
+        args.data, target=args.target, seed=args.seed,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+    )  # fmt: skip
+    model = MLP(features=(*hidden, ds.n_outputs), activation=args.activation)
+    trainer = Trainer(
+        model, args.optimizer, loss=ds.loss, metrics=ds.metrics,
+        optimizer_options=_optimizer_options(args), l2=args.l2, seed=args.seed,
+    )  # fmt: skip
+    validation = (ds.x_val, ds.y_val) if len(ds.x_val) else None
+    if args.verbose:
+        print(
+            f"jadam train: {ds.name} ({len(ds.x_train)} train / {len(ds.x_val)} val / "
+            f"{len(ds.x_test)} test), MLP {list(model.features)} {args.activation}, "
+            f"{args.optimizer} lr={args.lr}, batch {args.batch_size}, {args.epochs} epochs, "
+            f"{jax.default_backend()}"
+        )
+    history = trainer.fit(
+        ds.x_train, ds.y_train, batch_size=args.batch_size, epochs=args.epochs,
+        validation_data=validation, verbose=args.verbose,
+    )  # fmt: skip
+    test = trainer.evaluate(ds.x_test, ds.y_test)
+    data_info = {
+        "data": args.data if ds.name in datasets.BUILTIN else os.path.abspath(args.data),
+        "seed": args.seed,
+        "val_fraction": args.val_fraction,
+        "test_fraction": args.test_fraction,
+        **ds.scaler(),
+    }
+
+    def write(tmp: str) -> None:
+        trainer.save(os.path.join(tmp, "checkpoint"))
+        trainer.export(os.path.join(tmp, "model.jaxexport"), metadata=data_info)
+        history.save(os.path.join(tmp, "history.json"))
+        history.plot(os.path.join(tmp, "curves.png"))
+        with open(os.path.join(tmp, "data.json"), "w") as f:
+            json.dump(data_info, f, indent=1)
+        with open(os.path.join(tmp, "metrics.json"), "w") as f:
+            json.dump({"test_" + k: v for k, v in test.items()}, f, indent=1)
+
+    if (
+        os.path.exists(out)
+        and args.overwrite
+        and not os.path.exists(os.path.join(out, "data.json"))
+    ):
+        raise ValueError(f"{out} exists and is not a jadam run folder; not overwriting it")
+    atomic_dir(out, write)
+    print("test " + " - test ".join(f"{k}: {v:.4f}" for k, v in test.items()))
+    print(f"run folder: {out}")
+    return 0
+
+
+def _read_run(run: str) -> dict:
+    path = os.path.join(run, "data.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run} is not a jadam run folder (no data.json)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _evaluate(args) -> int:
+    from jadam.train import datasets
+    from jadam.train.trainer import Trainer
+
+    info = _read_run(args.run)
+    trainer = Trainer.load(os.path.join(args.run, "checkpoint"))
+    data = args.data or info["data"]
+    if data in datasets.BUILTIN or (args.data is None):
+        ds = datasets.load(
+            data, target=info["target"] if data not in datasets.BUILTIN else None,
+            seed=info["seed"], val_fraction=info["val_fraction"],
+            test_fraction=info["test_fraction"],
+        )  # fmt: skip
+        if ds.feature_names != info["feature_names"]:
+            raise ValueError(f"{data} has other features than the run was trained on")
+        # Same data, seed and fractions: the same split and training-split standardization.
+        if not np.allclose(ds.mean, info["mean"], rtol=1e-5, atol=1e-6):
+            raise ValueError(f"{data} does not reproduce the run's training split")
+        x, y, what = ds.x_test, ds.y_test, f"{data} (test split)"
+    else:
+        target = args.target or info["target"]
+        x_raw, y_raw, feats, _ = datasets.read_table(data, target)
+        if feats != info["feature_names"]:
+            raise ValueError(
+                f"{data} columns {feats} differ from the run's {info['feature_names']}"
+            )
+        x, y, what = _standardize(x_raw, info), _labels(y_raw, info), data
+    res = trainer.evaluate(x, y, batch_size=args.batch_size)
+    print(f"{what}: " + " - ".join(f"{k}: {v:.4f}" for k, v in res.items()))
+    return 0
+
+
+def _standardize(x_raw: np.ndarray, info: dict) -> np.ndarray:
+    mean = np.asarray(info["mean"], np.float32)
+    std = np.asarray(info["std"], np.float32)
+    return ((np.asarray(x_raw, np.float32) - mean) / std).astype(np.float32)
+
+
+def _labels(y_raw: np.ndarray, info: dict) -> np.ndarray:
+    classes = info.get("classes")
+    if info["task"] == "regression" or classes is None:
+        return np.asarray(y_raw, np.float32)
+    y_num = np.asarray(y_raw)
+    if y_num.dtype.kind in "biuf" and not all(isinstance(c, int | float) for c in classes):
+        # Named classes (e.g. built-in data) given as their integer indices.
+        if np.all(y_num == np.round(y_num)) and y_num.min() >= 0 and y_num.max() < len(classes):
+            return y_num.astype(np.int32)
+    lookup = {str(c): i for i, c in enumerate(classes)}
+    lookup.update({str(float(c)): i for i, c in enumerate(classes) if isinstance(c, int | float)})
+    out = []
+    for v in y_raw:
+        key = str(v)
+        if key not in lookup and isinstance(v, float | np.floating) and float(v).is_integer():
+            key = str(int(v))
+        if key not in lookup:
+            raise ValueError(f"label {v!r} is not one of the run's classes {classes}")
+        out.append(lookup[key])
+    return np.asarray(out, np.int32)
+
+
+def _predict(args) -> int:
+    from jadam.train import datasets
+    from jadam.train.io import load_exported
+
+    info = _read_run(args.run)
+    model = load_exported(os.path.join(args.run, "model.jaxexport"))  # no model code needed
+    x = _standardize(datasets.read_features_csv(args.input, info["feature_names"]), info)
+    probs = model(x)
+    task, classes = info["task"], info.get("classes")
+    if task == "binary":
+        p = probs.reshape(len(probs), -1)[:, 0]
+        header = ["probability", "label"]
+        rows = [[f"{v:.6g}", classes[int(v > 0.5)] if classes else int(v > 0.5)] for v in p]
+    elif task == "multiclass":
+        header = [f"p_{c}" for c in classes] + ["label"]
+        rows = [[f"{v:.6g}" for v in row] + [classes[int(np.argmax(row))]] for row in probs]
+    else:
+        header = ["prediction"]
+        rows = [[f"{v:.6g}"] for v in probs.reshape(len(probs), -1)[:, 0]]
+    f = open(args.output, "w", newline="") if args.output else sys.stdout
+    try:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    finally:
+        if args.output:
+            f.close()
+    if args.output:
+        print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
