@@ -20,4 +20,17 @@ from jadam._nadam import scale_by_nadam as scale_by_nadam
 from jadam._numerics import CONVENTIONS as CONVENTIONS
 from jadam._radam import scale_by_radam as scale_by_radam
 
+# --- scale-out (issue 5) ---
+from jadam._sharding import batch_sharding as batch_sharding
+from jadam._sharding import bytes_per_device as bytes_per_device
+from jadam._sharding import data_parallel_mesh as data_parallel_mesh
+from jadam._sharding import init_distributed as init_distributed
+from jadam._sharding import jit_data_parallel as jit_data_parallel
+from jadam._sharding import replicate as replicate
+from jadam._sharding import replicated as replicated
+from jadam._sharding import shard_batch as shard_batch
+from jadam._sharding import shard_local_batch as shard_local_batch
+from jadam._sharding import state_shardings as state_shardings
+from jadam._sharding import to_host as to_host
+
 __version__ = "0.1.0"

@@ -1,0 +1,471 @@
+"""Scale-out on JAX's own SPMD: meshes, state shardings, data-parallel steps.
+
+Nothing here is a protocol of its own. A data-parallel step is one `jax.jit`
+with `in_shardings`/`out_shardings` over a `jax.sharding.Mesh`: the batch is
+sharded over the mesh's data axis, parameters are replicated (or sharded by the
+user's rules), and XLA's SPMD partitioner inserts the gradient all-reduce.
+Several processes (hosts) join through `jax.distributed.initialize`, after which
+`jax.devices()` lists every device of every process and the same code runs.
+
+ZeRO-1 (Rajbhandari et al., arXiv:1910.02054, stage 1) is only a different
+sharding of the optimizer state: each moment leaf is split over the data axis,
+so each device stores 1/N of it. XLA then reduce-scatters the gradients into the
+moment shards and all-gathers the updates into the replicated parameters.
+
+The functions here work the same in one process and in several: batches and
+replicated trees are built with `jax.make_array_from_callback` /
+`jax.make_array_from_process_local_data`, which accept shardings that span
+devices of other processes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# --------------------------------------------------------------------------- meshes
+
+
+def data_parallel_mesh(devices: Sequence[jax.Device] | None = None, axis: str = "data") -> Mesh:
+    """A one-axis mesh over `devices` (default: every device of every process).
+
+    >>> import jadam
+    >>> jadam.data_parallel_mesh().axis_names
+    ('data',)
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    if not devices:
+        raise ValueError("devices must not be empty.")
+    return Mesh(np.asarray(devices, dtype=object), (axis,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding that keeps a full copy on every device of `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
+    """The sharding that splits an array's leading (batch) axis over `axis`."""
+    _check_axis(mesh, axis, "axis")
+    return NamedSharding(mesh, PartitionSpec(axis))
+
+
+def _check_axis(mesh: Mesh, axis: str, name: str) -> None:
+    if axis not in mesh.shape:
+        raise ValueError(f"{name}={axis!r} is not an axis of the mesh {dict(mesh.shape)}.")
+
+
+# --------------------------------------------------------------------------- placing data
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """`x` (the same global value on every process) as an array with `sharding`."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    # Several processes: each builds only its own shards from its (identical) copy.
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf of `tree` copied to every device of `mesh`.
+
+    With several processes, each process must pass the same values (e.g. the
+    same initial parameters from the same seed).
+    """
+    sharding = replicated(mesh)
+    return jax.tree.map(lambda x: _put(x, sharding), tree)
+
+
+def shard_batch(batch: Any, mesh: Mesh, axis: str = "data") -> Any:
+    """Split the leading axis of every leaf of the *global* `batch` over `axis`.
+
+    Every process passes the whole batch (the same values); each keeps only the
+    rows of its own devices. When each process holds only its own rows, use
+    `shard_local_batch` instead.
+
+    Raises:
+      ValueError: a leaf's leading size is not a multiple of the axis size.
+    """
+    sharding = batch_sharding(mesh, axis)
+    size = mesh.shape[axis]
+
+    def put(x):
+        shape = np.shape(x)
+        if not shape or shape[0] % size:
+            raise ValueError(
+                f"shard_batch: a leaf of shape {shape} cannot be split over the {size} "
+                f"devices of mesh axis {axis!r}; make the batch size a multiple of {size}."
+            )
+        return _put(x, sharding)
+
+    return jax.tree.map(put, batch)
+
+
+def shard_local_batch(local_batch: Any, mesh: Mesh, axis: str = "data") -> Any:
+    """Assemble a global batch from each process's own rows.
+
+    Each process passes its part (leading size = global batch / process count,
+    in process order); the result is one global array sharded over `axis`. In
+    a single process this is `shard_batch`.
+    """
+    sharding = batch_sharding(mesh, axis)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
+
+
+def to_host(tree: Any) -> Any:
+    """Every leaf as a NumPy array holding the full global value, on every process.
+
+    Replicated arrays are read from a local copy; sharded ones are gathered
+    (a collective: every process must call this).
+    """
+
+    def fetch(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_shards[0].data)
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(fetch, tree)
+
+
+def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
+    """Bytes each local device stores for `tree`, measured from its shards."""
+    out: dict[jax.Device, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
+
+# --------------------------------------------------------------------------- state shardings
+
+
+@jax.tree_util.register_pytree_node_class
+class _Params:
+    """Stands for the whole params tree while `tx.init` builds the state's layout.
+
+    A pytree node with no children: every `jax.tree.map(f, params)` inside an
+    `init` returns it untouched, so it marks exactly where a params-shaped
+    subtree (a moment, whatever its storage) sits in the state (the trick of
+    `optax.tree_map_params`).
+    """
+
+    def tree_flatten(self):
+        return (), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux, children
+        return cls()
+
+
+def _is_params(x: Any) -> bool:
+    return isinstance(x, _Params)
+
+
+def _spec_axes(spec: PartitionSpec) -> list[str]:
+    """Mesh axes named in `spec`, in order."""
+    axes: list[str] = []
+    for entry in spec:
+        if entry is None:
+            continue
+        axes.extend(entry if isinstance(entry, tuple) else (entry,))
+    return axes
+
+
+def _with_zero1(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh, axis: str):
+    """`spec` with `axis` added on the largest dimension it divides; else `spec`."""
+    n = mesh.shape[axis]
+    if n == 1 or axis in _spec_axes(spec) or not shape:
+        return spec
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    best, best_local = None, 0
+    for d, size in enumerate(shape):
+        entry = entries[d]
+        existing = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        split = math.prod(mesh.shape[a] for a in existing)
+        local = size // split
+        if size % (split * n) == 0 and local > best_local:
+            best, best_local = d, local
+    if best is None:
+        return spec
+    entry = entries[best]
+    existing = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+    entries[best] = (*existing, axis) if existing else axis
+    while entries and entries[-1] is None:
+        entries.pop()
+    return PartitionSpec(*entries)
+
+
+def _moment_leaf_spec(leaf, param, param_spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+    """The spec of one stored-moment leaf of a parameter.
+
+    A leaf of the parameter's shape takes its spec. Any other leaf (e.g. the
+    flat codes or per-block scales of a quantized moment) is split along its
+    leading axis over the parameter's mesh axes when they divide it (a flat
+    row-major array split in order holds the same elements as the parameter
+    split along its first axis), and replicated otherwise.
+    """
+    if tuple(leaf.shape) == tuple(param.shape):
+        return param_spec
+    axes = _spec_axes(param_spec)
+    if axes and leaf.shape and leaf.shape[0] % math.prod(mesh.shape[a] for a in axes) == 0:
+        return PartitionSpec(tuple(axes) if len(axes) > 1 else axes[0])
+    return PartitionSpec()
+
+
+def _param_sharding_leaves(params: Any, param_shardings: Any, mesh: Mesh | None):
+    """One NamedSharding per params leaf, and the mesh to use for the rest."""
+    treedef = jax.tree.structure(params)
+    n_leaves = treedef.num_leaves
+    is_spec = lambda x: isinstance(x, (NamedSharding, PartitionSpec)) or x is None
+    if is_spec(param_shardings):
+        flat = [param_shardings] * n_leaves
+    else:
+        try:
+            # A prefix of the params tree: broadcast each entry over its subtree.
+            flat = treedef.flatten_up_to(
+                jax.tree.map(
+                    lambda s, sub: jax.tree.map(lambda _: s, sub),
+                    param_shardings,
+                    params,
+                    is_leaf=is_spec,
+                )
+            )
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                "param_shardings must be a NamedSharding, a PartitionSpec, None, or a "
+                f"tree matching (a prefix of) params: {e}"
+            ) from None
+    if mesh is None:
+        mesh = next((s.mesh for s in flat if isinstance(s, NamedSharding)), None)
+        if mesh is None:
+            raise ValueError("mesh is required when param_shardings holds no NamedSharding.")
+    out = []
+    for s in flat:
+        if s is None:
+            s = NamedSharding(mesh, PartitionSpec())
+        elif isinstance(s, PartitionSpec):
+            s = NamedSharding(mesh, s)
+        elif not isinstance(s, NamedSharding):
+            raise TypeError(f"param_shardings leaves must be NamedSharding, got {type(s)}.")
+        out.append(s)
+    return out, mesh
+
+
+def state_shardings(
+    tx: optax.GradientTransformation,
+    params: Any,
+    param_shardings: Any = None,
+    mesh: Mesh | None = None,
+    *,
+    zero1_axis: str | None = None,
+) -> Any:
+    """The `NamedSharding` of every leaf of `tx.init(params)`.
+
+    - Each moment (any params-shaped subtree of the state: `mu`, `nu`,
+      `nu_max`, `optax.MultiSteps`' accumulated gradients, ...) follows its
+      parameter's sharding. A stored moment that is itself a small pytree
+      (quantized codes and scales) is placed leaf by leaf: leaves of the
+      parameter's shape take its sharding, others are split along their leading
+      axis over the same mesh axes when these divide it, else replicated.
+    - Every other leaf (step counts, injected hyperparameters) is replicated.
+    - With `zero1_axis`, each moment leaf is *also* split over that mesh axis,
+      along its largest dimension the axis size divides (ZeRO-1: each device
+      stores 1/N of the optimizer state). A leaf no dimension of which is
+      divisible keeps its parameter's sharding; so does a leaf already split over
+      that axis.
+
+    Nothing is computed: the state's layout comes from `jax.eval_shape`.
+
+    Args:
+      tx: the optimizer (anything with `init`).
+      params: the parameters, as arrays or `jax.ShapeDtypeStruct`s.
+      param_shardings: a `NamedSharding` or `PartitionSpec` for all parameters,
+        or a tree of them matching (a prefix of) `params`; `None` replicates.
+      mesh: the mesh for `PartitionSpec`s and replicated leaves; defaults to the
+        mesh of the first `NamedSharding` in `param_shardings`.
+      zero1_axis: the data-parallel mesh axis to shard the moments over, or None.
+
+    Returns:
+      A tree of `NamedSharding` with the structure of `tx.init(params)`: pass it
+      as `jax.jit(..., out_shardings=...)` or to `jax.device_put`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jadam
+      >>> mesh = jadam.data_parallel_mesh(jax.devices()[:1])
+      >>> tx = jadam.adam(1e-3)
+      >>> params = {"w": jnp.zeros((4, 2))}
+      >>> sh = jadam.state_shardings(tx, params, mesh=mesh, zero1_axis="data")
+      >>> sh[0].mu["w"].spec
+      PartitionSpec('data',)
+    """
+    flat_shardings, mesh = _param_sharding_leaves(params, param_shardings, mesh)
+    if zero1_axis is not None:
+        _check_axis(mesh, zero1_axis, "zero1_axis")
+    param_structs = jax.tree.map(lambda p: jax.ShapeDtypeStruct(np.shape(p), p.dtype), params)
+    treedef = jax.tree.structure(param_structs)
+    param_leaves = treedef.flatten_up_to(param_structs)
+    state = jax.eval_shape(tx.init, param_structs)
+    rep = replicated(mesh)
+
+    def moment_sharding(leaf, param, sharding: NamedSharding) -> NamedSharding:
+        spec = _moment_leaf_spec(leaf, param, sharding.spec, sharding.mesh)
+        if zero1_axis is not None and zero1_axis in sharding.mesh.shape:
+            spec = _with_zero1(tuple(leaf.shape), spec, sharding.mesh, zero1_axis)
+        return NamedSharding(sharding.mesh, spec)
+
+    # Fallback for a moment tree that does not mirror params, or a transform
+    # whose init cannot run on the marker: match leaves to parameters by shape.
+    by_shape: dict[tuple[int, ...], Any] = {}
+    for p, s in zip(param_leaves, flat_shardings, strict=True):
+        key = tuple(p.shape)
+        by_shape[key] = s if by_shape.get(key, s) == s else None  # None: ambiguous
+
+    def by_shape_sharding(leaf) -> NamedSharding:
+        if not leaf.shape:
+            return rep
+        s = by_shape.get(tuple(leaf.shape))
+        s = s if s is not None else rep
+        if zero1_axis is None:
+            return s
+        return NamedSharding(s.mesh, _with_zero1(tuple(leaf.shape), s.spec, s.mesh, zero1_axis))
+
+    def params_tree(subtree):
+        try:
+            per_param = treedef.flatten_up_to(subtree)
+        except (ValueError, TypeError):
+            return jax.tree.map(by_shape_sharding, subtree)
+        out = [
+            jax.tree.map(lambda leaf, p=p, s=s: moment_sharding(leaf, p, s), sub)
+            for sub, p, s in zip(per_param, param_leaves, flat_shardings, strict=True)
+        ]
+        return treedef.unflatten(out)
+
+    try:
+        marked = jax.eval_shape(tx.init, _Params())
+        return jax.tree.map(
+            lambda m, sub: params_tree(sub) if _is_params(m) else rep,
+            marked,
+            state,
+            is_leaf=_is_params,
+        )
+    except Exception:  # any init that cannot run on the marker: match by shape
+        return jax.tree.map(by_shape_sharding, state)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def jit_data_parallel(
+    step: Callable[..., Any],
+    mesh: Mesh,
+    state_sharding: Any,
+    *,
+    axis: str = "data",
+    donate_state: bool = True,
+) -> Callable[..., Any]:
+    """`jax.jit(step)` for `step(state, batch) -> (state, aux)`, data parallel.
+
+    `state` has `state_sharding` in and out (a tree of shardings or one for
+    all), every leaf of `batch` is split along its leading axis over `axis`,
+    and `aux` (metrics) comes back replicated. The gradient all-reduce (or,
+    with ZeRO-1 state, reduce-scatter and all-gather) is inserted by XLA.
+    The same function runs on one device (a one-device mesh) and on many.
+    """
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, batch_sharding(mesh, axis)),
+        out_shardings=(state_sharding, replicated(mesh)),
+        donate_argnums=(0,) if donate_state else (),
+    )
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+_ADDRESS = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
+
+
+def init_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: Sequence[int] | None = None,
+    initialization_timeout: int = 300,
+    heartbeat_timeout_seconds: int = 100,
+    shutdown_timeout_seconds: int = 300,
+) -> None:
+    """Join this process to a multi-process JAX run (`jax.distributed.initialize`).
+
+    Call it first, before anything touches a device. Give all three of
+    `coordinator_address` ("host:port" of process 0, the same on every
+    process), `num_processes` and `process_id` (0 .. num_processes - 1, one per
+    process), or none of them on a Cloud TPU pod, Slurm or Open MPI, where JAX
+    detects them. `num_processes=1` returns without starting anything.
+
+    Afterwards `jax.devices()` lists the devices of every process, and
+    `data_parallel_mesh()` spans them all. On CPU, the processes exchange data
+    through gloo (`jax_cpu_collectives_implementation`, the default since JAX
+    0.5); on GPU through NCCL, on TPU through ICI/DCN, chosen by JAX.
+
+    Raises:
+      ValueError: only some of the three arguments are given, `num_processes`
+        is not a positive int, `process_id` is outside [0, num_processes), or
+        the address is not "host:port" with a port in 1..65535.
+      RuntimeError: JAX already initialized its devices, or this was called twice.
+    """
+    given = [a is not None for a in (coordinator_address, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ValueError(
+            "init_distributed: give all of coordinator_address, num_processes and "
+            "process_id, or none of them (automatic detection on TPU pods, Slurm, "
+            f"Open MPI); got coordinator_address={coordinator_address!r}, "
+            f"num_processes={num_processes!r}, process_id={process_id!r}."
+        )
+    if all(given):
+        if not _is_int(num_processes) or num_processes < 1:
+            raise ValueError(f"num_processes must be a positive int, got {num_processes!r}.")
+        if not _is_int(process_id) or not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"process_id must be an int in [0, num_processes={num_processes}), "
+                f"got {process_id!r}."
+            )
+        address = coordinator_address if isinstance(coordinator_address, str) else ""
+        match = _ADDRESS.match(address)
+        if match is None or not 1 <= int(match.group(1)) <= 65535:
+            raise ValueError(
+                "coordinator_address must be 'host:port' (e.g. '10.0.0.1:1234') with a port "
+                f"in 1..65535, got {coordinator_address!r}."
+            )
+        if num_processes == 1:
+            return
+    if jax.distributed.is_initialized():
+        raise RuntimeError("init_distributed: jax.distributed is already initialized.")
+    jax.distributed.initialize(
+        coordinator_address,
+        None if num_processes is None else int(num_processes),
+        None if process_id is None else int(process_id),
+        local_device_ids=local_device_ids,
+        initialization_timeout=initialization_timeout,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+        shutdown_timeout_seconds=shutdown_timeout_seconds,
+    )
