@@ -29,8 +29,13 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
 
     A bfloat16 `b2 = 0.999` rounds to 1.0, so a second moment updated in bf16
     never decays (optax with bf16 params, Keras' Adam on bf16 variables).
+    Chosen by width rather than `promote_types`, which strict dtype promotion
+    forbids between float types.
     """
-    return jnp.promote_types(dtype, jnp.float32)
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize >= 4:
+        return dtype
+    return jnp.dtype(jnp.float32)
 
 
 def concrete_float(x: Any) -> float | None:
@@ -95,12 +100,9 @@ def safe_increment(count: jax.Array) -> jax.Array:
 
 
 def tree_widest_float(tree: Any) -> jnp.dtype:
-    """The widest compute dtype over the floating leaves of `tree` (float32 if none)."""
-    dtype = jnp.dtype(jnp.float32)
-    for leaf in jax.tree.leaves(tree):
-        if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-            dtype = jnp.promote_types(dtype, compute_dtype(leaf.dtype))
-    return dtype
+    """The widest compute dtype over the leaves of `tree` (float32 if none)."""
+    dtypes = [compute_dtype(jnp.asarray(leaf).dtype) for leaf in jax.tree.leaves(tree)]
+    return max(dtypes, key=lambda d: d.itemsize, default=jnp.dtype(jnp.float32))
 
 
 def flatten_like(updates: Any, moments: Any) -> tuple[Any, list[Any]]:
