@@ -68,7 +68,8 @@ def _check_axis(mesh: Mesh, axis: str, name: str) -> None:
 def _put(x: Any, sharding: NamedSharding) -> jax.Array:
     """`x` (the same global value on every process) as an array with `sharding`."""
     if jax.process_count() == 1:
-        return jax.device_put(x, sharding)
+        # Never alias `x`: a step that donates its state must not delete the caller's arrays.
+        return jax.device_put(x, sharding, may_alias=False)
     # Several processes: each builds only its own shards from its (identical) copy.
     host = np.asarray(x)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
@@ -78,7 +79,8 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     """Every leaf of `tree` copied to every device of `mesh`.
 
     With several processes, each process must pass the same values (e.g. the
-    same initial parameters from the same seed).
+    same initial parameters from the same seed). The result never aliases
+    `tree`'s buffers, so a step that donates it leaves `tree` intact.
     """
     sharding = replicated(mesh)
     return jax.tree.map(lambda x: _put(x, sharding), tree)

@@ -1,0 +1,141 @@
+"""Train a small Flax MLP data-parallel; the subprocess half of tests/test_sharding.py.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python tests/_sharding_worker.py --out /tmp/r.npz --runs d1,d8,d8z
+    python tests/_sharding_worker.py --out /tmp/p0.npz --runs all,allz \
+        --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 0   # and id 1
+
+A run tag is `d<K>` (the first K devices of this process) or `all` (every device
+of every process), with a `z` suffix for ZeRO-1 optimizer state. Every run trains
+the same MLP from the same initial parameters on the same global batches; with
+several processes each one feeds only its own rows of each batch
+(`shard_local_batch`). The output .npz holds, per tag: the final parameters (as
+host arrays), the losses, and the optimizer state's bytes on each local device
+and in total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+GLOBAL_BATCH = 64  # divisible by 8 devices and by 2 processes
+STEPS = 12
+FEATURES = 16
+HIDDEN = 32  # every kernel/bias dimension below is a multiple of 8, so ZeRO-1
+OUTPUTS = 8  # can split every moment leaf: only the int32 count stays replicated
+
+
+def make_data(steps: int = STEPS):
+    rng = np.random.RandomState(0)
+    x = rng.normal(size=(steps, GLOBAL_BATCH, FEATURES)).astype(np.float32)
+    w = rng.normal(size=(FEATURES, OUTPUTS)).astype(np.float32)
+    y = np.tanh(x @ w) + 0.1 * rng.normal(size=(steps, GLOBAL_BATCH, OUTPUTS)).astype(np.float32)
+    return x, y.astype(np.float32)
+
+
+def train(mesh, *, zero1: bool, steps: int = STEPS, local: bool = False):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jadam
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(HIDDEN)(x))
+            x = nn.relu(nn.Dense(HIDDEN)(x))
+            return nn.Dense(OUTPUTS)(x)
+
+    model = MLP()
+    tx = jadam.adam(1e-2)
+    # Same seed everywhere: every process builds the same initial parameters.
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, FEATURES)))
+    rep = jadam.replicated(mesh)
+    opt_sh = jadam.state_shardings(tx, params, rep, zero1_axis="data" if zero1 else None)
+    state_sh = (rep, opt_sh)  # one sharding for all params (a tree prefix), the state's tree
+
+    def step(state, batch):
+        params, opt_state = state
+        x, y = batch
+
+        def loss_fn(p):
+            return jnp.mean((model.apply(p, x) - y) ** 2)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    step = jadam.jit_data_parallel(step, mesh, state_sh)
+    init = jax.jit(lambda p: (p, tx.init(p)), out_shardings=state_sh)
+    state = init(jadam.replicate(params, mesh))
+
+    xs, ys = make_data(steps)
+    n_proc, pid = jax.process_count(), jax.process_index()
+    losses = []
+    for t in range(steps):
+        if local:  # this process's rows only
+            rows = slice(pid * GLOBAL_BATCH // n_proc, (pid + 1) * GLOBAL_BATCH // n_proc)
+            batch = jadam.shard_local_batch((xs[t, rows], ys[t, rows]), mesh)
+        else:
+            batch = jadam.shard_batch((xs[t], ys[t]), mesh)
+        state, loss = step(state, batch)
+        losses.append(loss)
+    params, opt_state = state
+    per_device = jadam.bytes_per_device(opt_state)
+    total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(opt_state))
+    return {
+        "params": [np.asarray(a) for a in jax.tree.leaves(jadam.to_host(params))],
+        "losses": np.asarray([float(jadam.to_host(v)) for v in losses]),
+        "state_bytes": np.asarray([per_device[d] for d in sorted(per_device, key=lambda d: d.id)]),
+        "state_total": np.asarray(total),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--runs", default="d1,d8,d8z")
+    ap.add_argument("--coordinator")
+    ap.add_argument("--num-processes", type=int)
+    ap.add_argument("--process-id", type=int)
+    args = ap.parse_args(argv)
+
+    import jadam  # before jax touches a device: init_distributed must come first
+
+    distributed = args.coordinator is not None
+    if distributed:
+        jadam.init_distributed(
+            args.coordinator,
+            args.num_processes,
+            args.process_id,
+            initialization_timeout=60,
+            heartbeat_timeout_seconds=20,
+            shutdown_timeout_seconds=20,
+        )
+    import jax
+
+    out = {}
+    for tag in args.runs.split(","):
+        zero1 = tag.endswith("z")
+        name = tag.rstrip("z")
+        devices = jax.devices() if name == "all" else jax.devices()[: int(name[1:])]
+        mesh = jadam.data_parallel_mesh(devices)
+        result = train(mesh, zero1=zero1, local=distributed)
+        for key, value in result.items():
+            if key == "params":
+                for i, leaf in enumerate(value):
+                    out[f"{tag}/params/{i}"] = leaf
+            else:
+                out[f"{tag}/{key}"] = value
+    np.savez(args.out, **out)
+    print(f"process {jax.process_index()}/{jax.process_count()}: wrote {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
