@@ -51,10 +51,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
-    """The sharding that splits an array's leading (batch) axis over `axis`."""
+def batch_sharding(mesh: Mesh, axis: str = "data", *, batch_dim: int = 0) -> NamedSharding:
+    """The sharding that splits dimension `batch_dim` (the batch) over `axis`.
+
+    `batch_dim=1` fits arrays laid out `(steps, batch, ...)`, such as the
+    per-step row indices of a `lax.scan` over batches.
+    """
     _check_axis(mesh, axis, "axis")
-    return NamedSharding(mesh, PartitionSpec(axis))
+    if batch_dim < 0:
+        raise ValueError(f"batch_dim must be >= 0, got {batch_dim}.")
+    return NamedSharding(mesh, PartitionSpec(*([None] * batch_dim), axis))
 
 
 def _check_axis(mesh: Mesh, axis: str, name: str) -> None:
@@ -86,22 +92,22 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: _put(x, sharding), tree)
 
 
-def shard_batch(batch: Any, mesh: Mesh, axis: str = "data") -> Any:
-    """Split the leading axis of every leaf of the *global* `batch` over `axis`.
+def shard_batch(batch: Any, mesh: Mesh, axis: str = "data", *, batch_dim: int = 0) -> Any:
+    """Split dimension `batch_dim` of every leaf of the *global* `batch` over `axis`.
 
     Every process passes the whole batch (the same values); each keeps only the
     rows of its own devices. When each process holds only its own rows, use
     `shard_local_batch` instead.
 
     Raises:
-      ValueError: a leaf's leading size is not a multiple of the axis size.
+      ValueError: a leaf's batch size is not a multiple of the axis size.
     """
-    sharding = batch_sharding(mesh, axis)
+    sharding = batch_sharding(mesh, axis, batch_dim=batch_dim)
     size = mesh.shape[axis]
 
     def put(x):
         shape = np.shape(x)
-        if not shape or shape[0] % size:
+        if len(shape) <= batch_dim or shape[batch_dim] % size:
             raise ValueError(
                 f"shard_batch: a leaf of shape {shape} cannot be split over the {size} "
                 f"devices of mesh axis {axis!r}; make the batch size a multiple of {size}."
@@ -111,14 +117,16 @@ def shard_batch(batch: Any, mesh: Mesh, axis: str = "data") -> Any:
     return jax.tree.map(put, batch)
 
 
-def shard_local_batch(local_batch: Any, mesh: Mesh, axis: str = "data") -> Any:
+def shard_local_batch(
+    local_batch: Any, mesh: Mesh, axis: str = "data", *, batch_dim: int = 0
+) -> Any:
     """Assemble a global batch from each process's own rows.
 
-    Each process passes its part (leading size = global batch / process count,
-    in process order); the result is one global array sharded over `axis`. In
-    a single process this is `shard_batch`.
+    Each process passes its part (size along `batch_dim` = global batch /
+    process count, in process order); the result is one global array sharded
+    over `axis`. In a single process this is `shard_batch`.
     """
-    sharding = batch_sharding(mesh, axis)
+    sharding = batch_sharding(mesh, axis, batch_dim=batch_dim)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
     )
@@ -378,19 +386,20 @@ def jit_data_parallel(
     state_sharding: Any,
     *,
     axis: str = "data",
+    batch_dim: int = 0,
     donate_state: bool = True,
 ) -> Callable[..., Any]:
     """`jax.jit(step)` for `step(state, batch) -> (state, aux)`, data parallel.
 
     `state` has `state_sharding` in and out (a tree of shardings or one for
-    all), every leaf of `batch` is split along its leading axis over `axis`,
+    all), every leaf of `batch` is split along `batch_dim` over `axis`,
     and `aux` (metrics) comes back replicated. The gradient all-reduce (or,
     with ZeRO-1 state, reduce-scatter and all-gather) is inserted by XLA.
     The same function runs on one device (a one-device mesh) and on many.
     """
     return jax.jit(
         step,
-        in_shardings=(state_sharding, batch_sharding(mesh, axis)),
+        in_shardings=(state_sharding, batch_sharding(mesh, axis, batch_dim=batch_dim)),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=(0,) if donate_state else (),
     )

@@ -1,22 +1,25 @@
 """Train a small Flax MLP data-parallel; the subprocess half of tests/test_sharding.py.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-        python tests/_sharding_worker.py --out /tmp/r.npz --runs d1,d8,d8z
-    python tests/_sharding_worker.py --out /tmp/p0.npz --runs all,allz \
+        python tests/_sharding_worker.py --out /tmp/r.npz --runs d1,d8,d8z,sd8,sd8z
+    python tests/_sharding_worker.py --out /tmp/p0.npz --runs all,allz,sallz \
         --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 0   # and id 1
 
 A run tag is `d<K>` (the first K devices of this process) or `all` (every device
-of every process), with a `z` suffix for ZeRO-1 optimizer state. Every run trains
+of every process), with an `s` prefix for the trainer's scan recipe (`sd8`; see `train`)
+and a `z` suffix for ZeRO-1 optimizer state. Every run trains
 the same MLP from the same initial parameters on the same global batches; with
-several processes each one feeds only its own rows of each batch
-(`shard_local_batch`). The output .npz holds, per tag: the final parameters (as
-host arrays), the losses, and the optimizer state's bytes on each local device
-and in total.
+several processes, the step loop feeds each process's own rows of each batch
+(`shard_local_batch`) and the scan recipe gives every process the whole index
+array (`shard_batch`), of which each keeps its devices' columns. The output .npz
+holds, per tag: the final parameters (as host arrays), the losses, and the
+optimizer state's bytes on each local device and in total.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import numpy as np
@@ -36,7 +39,15 @@ def make_data(steps: int = STEPS):
     return x, y.astype(np.float32)
 
 
-def train(mesh, *, zero1: bool, steps: int = STEPS, local: bool = False):
+def train(mesh, *, zero1: bool, steps: int = STEPS, local: bool = False, scan: bool = False):
+    """Train; return the final parameters, losses and optimizer-state bytes.
+
+    `scan=False`: one jitted step per batch (`jit_data_parallel`), batches fed
+    with `shard_batch` (or, `local`, each process's rows with `shard_local_batch`).
+    `scan=True`: the trainer's recipe (jadam/train/loop.py): the whole data set
+    replicated on every device, ONE jitted `lax.scan` over a `(steps, batch)`
+    array of row indices split over the data axis along dimension 1.
+    """
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -70,11 +81,13 @@ def train(mesh, *, zero1: bool, steps: int = STEPS, local: bool = False):
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
-    step = jadam.jit_data_parallel(step, mesh, state_sh)
     init = jax.jit(lambda p: (p, tx.init(p)), out_shardings=state_sh)
     state = init(jadam.replicate(params, mesh))
-
     xs, ys = make_data(steps)
+    if scan:
+        return _report(*_train_scan(mesh, step, state_sh, state, xs, ys))
+
+    step = jadam.jit_data_parallel(step, mesh, state_sh)
     n_proc, pid = jax.process_count(), jax.process_index()
     losses = []
     for t in range(steps):
@@ -85,6 +98,40 @@ def train(mesh, *, zero1: bool, steps: int = STEPS, local: bool = False):
             batch = jadam.shard_batch((xs[t], ys[t]), mesh)
         state, loss = step(state, batch)
         losses.append(loss)
+    return _report(state, losses)
+
+
+def _train_scan(mesh, step, state_sh, state, xs, ys):
+    import jax
+
+    import jadam
+
+    rep = jadam.replicated(mesh)
+
+    def chunk(state, x, y, idx):
+        def body(state, rows):
+            return step(state, (x[rows], y[rows]))  # rows split over "data": so is the batch
+
+        return jax.lax.scan(body, state, idx)
+
+    chunk = jax.jit(
+        chunk,
+        in_shardings=(state_sh, rep, rep, jadam.batch_sharding(mesh, batch_dim=1)),
+        out_shardings=(state_sh, rep),
+        donate_argnums=(0,),
+    )
+    x, y = jadam.replicate((xs.reshape(-1, FEATURES), ys.reshape(-1, OUTPUTS)), mesh)
+    # The same batches as the step loop, in the same order (no shuffling here).
+    idx = np.arange(xs.shape[0] * GLOBAL_BATCH, dtype=np.int32).reshape(-1, GLOBAL_BATCH)
+    state, losses = chunk(state, x, y, jadam.shard_batch(idx, mesh, batch_dim=1))
+    return state, list(jadam.to_host(losses))
+
+
+def _report(state, losses):
+    import jax
+
+    import jadam
+
     params, opt_state = state
     per_device = jadam.bytes_per_device(opt_state)
     total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(opt_state))
@@ -121,11 +168,10 @@ def main(argv=None) -> int:
 
     out = {}
     for tag in args.runs.split(","):
-        zero1 = tag.endswith("z")
-        name = tag.rstrip("z")
-        devices = jax.devices() if name == "all" else jax.devices()[: int(name[1:])]
+        scan, count, zero1 = re.fullmatch(r"(s?)(?:d(\d+)|all)(z?)", tag).groups()
+        devices = jax.devices() if count is None else jax.devices()[: int(count)]
         mesh = jadam.data_parallel_mesh(devices)
-        result = train(mesh, zero1=zero1, local=distributed)
+        result = train(mesh, zero1=bool(zero1), local=distributed, scan=bool(scan))
         for key, value in result.items():
             if key == "params":
                 for i, leaf in enumerate(value):

@@ -266,7 +266,7 @@ _CHECKS_8 = """
 import sys
 sys.path.insert(0, {tests!r})
 import _sharding_worker as w
-w.main(["--out", {out!r}, "--runs", "d1,d8,d8z"])
+w.main(["--out", {out!r}, "--runs", "d1,d8,d8z,sd8,sd8z"])
 import jax, jadam, numpy as np
 assert jax.device_count() == 8
 mesh = jadam.data_parallel_mesh()
@@ -300,8 +300,10 @@ def _assert_same_params(a, b, tag_a, tag_b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tag", ["d8", "d8z"])
+@pytest.mark.parametrize("tag", ["d8", "d8z", "sd8", "sd8z"])
 def test_eight_devices_train_like_one(eight_devices, tag):
+    """d: a jitted step per batch; s: the trainer's recipe, one `lax.scan` per chunk
+    over replicated data with `(steps, batch)` row indices split along dimension 1."""
     r, _ = eight_devices
     _assert_same_params(r, r, "d1", tag)
     np.testing.assert_allclose(r[f"{tag}/losses"], r["d1/losses"], rtol=RTOL, atol=ATOL)
@@ -313,10 +315,12 @@ def test_zero1_stores_one_eighth_of_the_state_per_device(eight_devices):
     r, _ = eight_devices
     total = int(r["d8z/state_total"])
     count_bytes = 4  # the int32 step count: the one leaf left replicated
-    assert r["d8z/state_bytes"].tolist() == [(total - count_bytes) // 8 + count_bytes] * 8
-    assert r["d8z/state_bytes"].max() <= total / 8 + count_bytes
+    for tag in ("d8z", "sd8z"):
+        assert r[f"{tag}/state_bytes"].tolist() == [(total - count_bytes) // 8 + count_bytes] * 8
+        assert r[f"{tag}/state_bytes"].max() <= total / 8 + count_bytes
     # Without ZeRO-1 every device holds the whole state (replicated parameters).
-    assert r["d8/state_bytes"].tolist() == [total] * 8
+    for tag in ("d1", "d8", "sd8"):
+        assert r[f"{tag}/state_bytes"].tolist() == [total] * (1 if tag == "d1" else 8)
 
 
 @pytest.mark.slow
@@ -344,7 +348,7 @@ def _two_processes(tmp: Path, timeout: float = 120.0):
             logs.append(log)
             cmd = [
                 sys.executable, str(WORKER), "--out", str(tmp / f"p{pid}.npz"),
-                "--runs", "all,allz", "--coordinator", f"127.0.0.1:{port}",
+                "--runs", "all,allz,sallz", "--coordinator", f"127.0.0.1:{port}",
                 "--num-processes", "2", "--process-id", str(pid),
             ]  # fmt: skip
             procs.append(
@@ -380,10 +384,11 @@ def test_two_processes_on_loopback_train_like_one(tmp_path):
 
     for pid in range(2):
         r = dict(np.load(tmp_path / f"p{pid}.npz"))
-        for tag in ("all", "allz"):
+        for tag in ("all", "allz", "sallz"):
             _assert_same_params(ref, r, "one", tag)
             np.testing.assert_allclose(r[f"{tag}/losses"], one["losses"], rtol=RTOL, atol=ATOL)
         # Each process holds one device; ZeRO-1 halves what it stores.
         total = int(r["allz/state_total"])
         assert r["allz/state_bytes"].tolist() == [(total - 4) // 2 + 4]
+        assert r["sallz/state_bytes"].tolist() == [(total - 4) // 2 + 4]
         assert r["all/state_bytes"].tolist() == [total]
