@@ -33,4 +33,12 @@ from jadam._sharding import shard_local_batch as shard_local_batch
 from jadam._sharding import state_shardings as state_shardings
 from jadam._sharding import to_host as to_host
 
+# --- memory and speed (issue 4) ---
+# isort: split
+from jadam._quantize import Quantized as Quantized
+from jadam._quantize import QuantizedMoment as QuantizedMoment
+from jadam._rounding import StochasticRounding as StochasticRounding
+from jadam._rounding import stochastic_round as stochastic_round
+from jadam._rounding import stochastic_round_updates as stochastic_round_updates
+
 __version__ = "0.1.0"

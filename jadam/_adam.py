@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from jadam import _numerics as nx
-from jadam._storage import resolve_storage
+from jadam._storage import leaf_keys, resolve_storage
 
 
 class ScaleByAdamState(NamedTuple):
@@ -138,7 +138,7 @@ def scale_by_adam(
             return ScaleByAmsgradState(count, mu, nu, jax.tree.map(nu_store.init, params))
         return ScaleByAdamState(count, mu, nu)
 
-    def leaf_update(g, mu, nu, *nu_max, count):
+    def leaf_update(g, mu, nu, *nu_max, count, key=None):
         dtype = nx.compute_dtype(g.dtype)
         g32 = g.astype(dtype)
         m, v = update_moments(
@@ -152,7 +152,7 @@ def scale_by_adam(
             m_hat = b1_ * m / bc1_next + one_minus_b1 * g32 / bc1
         else:
             m_hat = m / bc1
-        stored = (mu_store.write(m, mu), nu_store.write(v, nu))
+        stored = (mu_store.write(m, mu, key), nu_store.write(v, nu, key))
         if amsgrad:
             (nu_max,) = nu_max
             previous = nu_store.read(nu_max, dtype)
@@ -162,7 +162,8 @@ def scale_by_adam(
             else:
                 v_max = jnp.maximum(previous, v)
                 v_hat = v_max / bc2
-            stored += (nu_store.write(v_max, nu_max),)
+            max_key = None if key is None else jax.random.fold_in(key, 1)
+            stored += (nu_store.write(v_max, nu_max, max_key),)
         else:
             v_hat = v / bc2
         denom = adam_denominator(
@@ -174,8 +175,9 @@ def scale_by_adam(
         del params, extra_args
         count = nx.safe_increment(state.count)
         moments = (state.mu, state.nu) + ((state.nu_max,) if amsgrad else ())
+        keys = leaf_keys(updates, count, mu_store, nu_store)
         direction, *new_moments = nx.map_moments(
-            lambda g, *ms: leaf_update(g, *ms, count=count), updates, *moments
+            lambda g, key, *ms: leaf_update(g, *ms, count=count, key=key), updates, keys, *moments
         )
         if amsgrad:
             return direction, ScaleByAmsgradState(count, *new_moments)

@@ -13,7 +13,7 @@ import optax
 
 from jadam import _numerics as nx
 from jadam._adam import ScaleByAdamState, check_moment_args
-from jadam._storage import resolve_storage
+from jadam._storage import leaf_keys, resolve_storage
 
 
 def scale_by_adamax(
@@ -59,7 +59,7 @@ def scale_by_adamax(
         del params, extra_args
         count = nx.safe_increment(state.count)
 
-        def leaf_update(g, mu, nu):
+        def leaf_update(g, key, mu, nu):
             dtype = nx.compute_dtype(g.dtype)
             g32 = g.astype(dtype)
             b1_, one_minus_b1 = nx.decay_terms(b1, dtype)
@@ -73,9 +73,10 @@ def scale_by_adamax(
             else:
                 u = jnp.maximum(decayed, jnp.abs(g32) + eps)
                 direction = m / (bc1 * u)
-            return direction.astype(g.dtype), mu_store.write(m, mu), nu_store.write(u, nu)
+            return direction.astype(g.dtype), mu_store.write(m, mu, key), nu_store.write(u, nu, key)
 
-        direction, mu, nu = nx.map_moments(leaf_update, updates, state.mu, state.nu)
+        keys = leaf_keys(updates, count, mu_store, nu_store)
+        direction, mu, nu = nx.map_moments(leaf_update, updates, keys, state.mu, state.nu)
         return direction, ScaleByAdamState(count, mu, nu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -14,7 +14,7 @@ import optax
 
 from jadam import _numerics as nx
 from jadam._adam import adam_denominator, check_moment_args, update_moments
-from jadam._storage import resolve_storage
+from jadam._storage import leaf_keys, resolve_storage
 
 # psi in mu_t = b1 * (1 - 0.5 * 0.96 ** (t * psi)) when `momentum_decay=None`.
 # None means a constant mu_t = b1 (the limit psi -> infinity), optax's NAdam.
@@ -104,7 +104,7 @@ def scale_by_nadam(
         mu_next = momentum_at(b1, count + 1, momentum_decay, wide)
         mu_product = state.mu_product * mu_t
 
-        def leaf_update(g, mu, nu):
+        def leaf_update(g, key, mu, nu):
             dtype = nx.compute_dtype(g.dtype)
             g32 = g.astype(dtype)
             m, v = update_moments(
@@ -116,9 +116,14 @@ def scale_by_nadam(
             denom = adam_denominator(
                 v / bc2, bc2, eps=eps, eps_root=eps_root, eps_on_raw_moment=False
             )
-            return (m_hat / denom).astype(g.dtype), mu_store.write(m, mu), nu_store.write(v, nu)
+            return (
+                (m_hat / denom).astype(g.dtype),
+                mu_store.write(m, mu, key),
+                nu_store.write(v, nu, key),
+            )
 
-        direction, mu, nu = nx.map_moments(leaf_update, updates, state.mu, state.nu)
+        keys = leaf_keys(updates, count, mu_store, nu_store)
+        direction, mu, nu = nx.map_moments(leaf_update, updates, keys, state.mu, state.nu)
         return direction, ScaleByNadamState(count, mu_product, mu, nu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -13,7 +13,7 @@ import optax
 
 from jadam import _numerics as nx
 from jadam._adam import ScaleByAdamState, adam_denominator, check_moment_args, update_moments
-from jadam._storage import resolve_storage
+from jadam._storage import leaf_keys, resolve_storage
 
 
 def scale_by_radam(
@@ -71,7 +71,7 @@ def scale_by_radam(
         del params, extra_args
         count = nx.safe_increment(state.count)
 
-        def leaf_update(g, mu, nu):
+        def leaf_update(g, key, mu, nu):
             dtype = nx.compute_dtype(g.dtype)
             g32 = g.astype(dtype)
             m, v = update_moments(
@@ -97,9 +97,10 @@ def scale_by_radam(
             )
             passes = rho > threshold if convention == "pytorch" else rho >= threshold
             direction = jnp.where(passes, rect * m_hat / denom, m_hat)
-            return direction.astype(g.dtype), mu_store.write(m, mu), nu_store.write(v, nu)
+            return direction.astype(g.dtype), mu_store.write(m, mu, key), nu_store.write(v, nu, key)
 
-        direction, mu, nu = nx.map_moments(leaf_update, updates, state.mu, state.nu)
+        keys = leaf_keys(updates, count, mu_store, nu_store)
+        direction, mu, nu = nx.map_moments(leaf_update, updates, keys, state.mu, state.nu)
         return direction, ScaleByAdamState(count, mu, nu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

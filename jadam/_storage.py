@@ -6,8 +6,14 @@ boundary with three pure methods:
 
 - `init(param)`: the zero moment for one parameter leaf;
 - `read(stored, dtype)`: the moment as an array of the compute dtype;
-- `write(value, stored)`: the new moment, in the same layout and dtype as
-  `stored`, so that state dtypes never drift across steps.
+- `write(value, stored, key=None)`: the new moment, in the same layout and
+  dtype as `stored`, so that state dtypes never drift across steps. `key` is a
+  PRNG key for storages that round stochastically (`needs_key`); the
+  transforms derive it from (step, leaf index) with `leaf_keys`, and the
+  storage folds in its own seed and stream.
+
+Storages: `FloatStorage` (a dtype), `StochasticRounding` (bf16/f16, unbiased
+rounding, `_rounding`) and `Quantized` (blockwise 8-bit codes, `_quantize`).
 
 A stored moment may itself be a small pytree (a quantized storage keeps codes
 and scales): the transforms walk the state with the gradient tree as the
@@ -22,7 +28,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jadam._numerics import compute_dtype
+from jadam._numerics import compute_dtype, is_none
+from jadam._quantize import Quantized
+from jadam._rounding import StochasticRounding, leaf_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,26 +51,58 @@ class FloatStorage:
     def read(self, stored: jax.Array, dtype: Any) -> jax.Array:
         return stored.astype(dtype)
 
-    def write(self, value: jax.Array, stored: jax.Array) -> jax.Array:
+    needs_key = False
+
+    def write(self, value: jax.Array, stored: jax.Array, key: Any = None) -> jax.Array:
+        del key
         return value.astype(stored.dtype)
 
 
-def resolve_storage(name: str, spec: Any) -> FloatStorage:
+Storage = Any  # FloatStorage | StochasticRounding | Quantized: init / read / write
+
+
+def resolve_storage(name: str, spec: Any) -> Storage:
     """Turn a user's `mu_dtype` / `nu_dtype` argument into a storage object.
 
-    Raises `ValueError` naming `name` for anything that is not a floating dtype.
+    Accepts None, a floating dtype, `"q8"`, a `Quantized` or a
+    `StochasticRounding`. The second moment (`nu_dtype`) is non-negative and
+    draws its own random stream: the returned storage knows which it stores.
+    Raises `ValueError` naming `name` for anything else.
     """
+    second = name != "mu_dtype"
     if spec is None:
         return FloatStorage(None)
     if isinstance(spec, FloatStorage):
         return spec
+    if isinstance(spec, str) and spec == "q8":
+        spec = Quantized()
+    if isinstance(spec, Quantized):
+        return dataclasses.replace(spec, signed=not second, stream=int(second))
+    if isinstance(spec, StochasticRounding):
+        return dataclasses.replace(spec, stream=int(second))
     try:
         dtype = jnp.dtype(spec)
     except TypeError:
         dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(
-            f"{name} must be None or a floating dtype such as jnp.float32 or "
-            f"'bfloat16', got {spec!r}."
+            f"{name} must be None, a floating dtype such as jnp.float32 or 'bfloat16', "
+            f"'q8', jadam.Quantized(...) or jadam.StochasticRounding(...), got {spec!r}."
         )
     return FloatStorage(dtype)
+
+
+def leaf_keys(updates: Any, count: jax.Array, *stores: Storage) -> Any:
+    """A tree shaped like `updates` with one PRNG key per leaf, or `None`s.
+
+    The key of leaf `i` at step `count` is a pure function of both (the
+    storage folds in its seed), so stochastic rounding is reproducible. When no
+    storage rounds stochastically every entry is `None` and nothing is traced.
+    """
+    treedef = jax.tree.structure(updates, is_leaf=is_none)
+    if not any(store.needs_key for store in stores):
+        return treedef.unflatten([None] * treedef.num_leaves)
+    leaves = treedef.flatten_up_to(updates)
+    return treedef.unflatten(
+        [None if g is None else leaf_key(0, 0, count, i) for i, g in enumerate(leaves)]
+    )
