@@ -125,7 +125,8 @@ def save_trainer(trainer, directory: str) -> None:
     }
 
     def write(tmp: str) -> None:
-        ocp.PyTreeCheckpointer().save(os.path.join(tmp, "state"), arrays)
+        # No compression: array bytes are stored as is (and verified by the manifest).
+        ocp.PyTreeCheckpointer(use_compression=False).save(os.path.join(tmp, "state"), arrays)
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
         with open(os.path.join(tmp, "config.json"), "w") as f:

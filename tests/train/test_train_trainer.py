@@ -71,14 +71,18 @@ def test_matches_a_hand_written_step_loop_with_padded_last_batch():
         z = model.apply({"params": p}, xb)
         return optax.sigmoid_binary_cross_entropy(z, yb[:, None]).mean()
 
+    @jax.jit
+    def step(params, opt_state, xb, yb):
+        g = jax.grad(loss_fn)(params, xb, yb)
+        upd, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, upd), opt_state
+
     rng = np.random.default_rng(seed)
     for _ in range(epochs):
         perm = rng.permutation(len(x))
         for s in range(0, len(x), batch):
             rows = perm[s : s + batch]
-            g = jax.grad(loss_fn)(params, x[rows], y[rows])
-            upd, opt_state = tx.update(g, opt_state, params)
-            params = optax.apply_updates(params, upd)
+            params, opt_state = step(params, opt_state, x[rows], y[rows])
     trainer.fit(x, y, batch_size=batch, epochs=epochs, verbose=0)
     for a, b in zip(jax.tree.leaves(trainer.params), jax.tree.leaves(params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
