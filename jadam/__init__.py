@@ -42,3 +42,15 @@ from jadam._rounding import stochastic_round as stochastic_round
 from jadam._rounding import stochastic_round_updates as stochastic_round_updates
 
 __version__ = "0.1.0"
+
+# --- trainer (issue 3) ---
+from jadam.train import datasets as datasets
+from jadam.train.callbacks import Callback as Callback
+from jadam.train.callbacks import EarlyStopping as EarlyStopping
+from jadam.train.callbacks import ModelCheckpoint as ModelCheckpoint
+from jadam.train.history import History as History
+from jadam.train.io import CheckpointError as CheckpointError
+from jadam.train.io import load_exported as load_exported
+from jadam.train.models import MLP as MLP
+from jadam.train.models import Combine as Combine
+from jadam.train.trainer import Trainer as Trainer
