@@ -316,12 +316,12 @@ def state_shardings(
 
     Example:
       >>> import jax, jax.numpy as jnp, jadam
-      >>> mesh = jadam.data_parallel_mesh(jax.devices()[:1])
+      >>> mesh = jax.sharding.AbstractMesh((8,), ("data",))  # or a real Mesh
       >>> tx = jadam.adam(1e-3)
-      >>> params = {"w": jnp.zeros((4, 2))}
+      >>> params = {"w": jnp.zeros((16, 8)), "b": jnp.zeros(3)}
       >>> sh = jadam.state_shardings(tx, params, mesh=mesh, zero1_axis="data")
-      >>> sh[0].mu["w"].spec
-      PartitionSpec('data',)
+      >>> sh[0].mu["w"].spec, sh[0].mu["b"].spec, sh[0].count.spec
+      (P('data',), P(), P())
     """
     flat_shardings, mesh = _param_sharding_leaves(params, param_shardings, mesh)
     if zero1_axis is not None:

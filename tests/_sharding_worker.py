@@ -140,6 +140,11 @@ def _report(state, losses):
         "losses": np.asarray([float(jadam.to_host(v)) for v in losses]),
         "state_bytes": np.asarray([per_device[d] for d in sorted(per_device, key=lambda d: d.id)]),
         "state_total": np.asarray(total),
+        # The moments gathered to the host (a collective when they are split across
+        # processes), concatenated: compared with one device's.
+        "moments": np.concatenate(
+            [np.ravel(a) for a in jax.tree.leaves(jadam.to_host(opt_state)) if np.ndim(a)]
+        ),
     }
 
 

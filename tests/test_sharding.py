@@ -209,6 +209,14 @@ def test_one_device_mesh_runs_the_same_step_as_plain_jit():
     assert jadam.bytes_per_device(a[0][1]) == {jax.devices()[0]: 4 + 2 * 12 * 4}
 
 
+def test_docstring_examples():
+    import doctest
+
+    import jadam._sharding
+
+    assert doctest.testmod(jadam._sharding).failed == 0
+
+
 # ---------------------------------------------------------------- init_distributed
 
 
@@ -307,6 +315,7 @@ def test_eight_devices_train_like_one(eight_devices, tag):
     r, _ = eight_devices
     _assert_same_params(r, r, "d1", tag)
     np.testing.assert_allclose(r[f"{tag}/losses"], r["d1/losses"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(r[f"{tag}/moments"], r["d1/moments"], rtol=RTOL, atol=ATOL)
     assert r["d1/losses"][-1] < 0.6 * r["d1/losses"][0]  # it did learn
 
 
@@ -387,6 +396,7 @@ def test_two_processes_on_loopback_train_like_one(tmp_path):
         for tag in ("all", "allz", "sallz"):
             _assert_same_params(ref, r, "one", tag)
             np.testing.assert_allclose(r[f"{tag}/losses"], one["losses"], rtol=RTOL, atol=ATOL)
+            np.testing.assert_allclose(r[f"{tag}/moments"], one["moments"], rtol=RTOL, atol=ATOL)
         # Each process holds one device; ZeRO-1 halves what it stores.
         total = int(r["allz/state_total"])
         assert r["allz/state_bytes"].tolist() == [(total - 4) // 2 + 4]
