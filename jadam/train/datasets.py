@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 BUILTIN = ("breast_cancer", "digits", "iris", "wine")
+_MISSING = ("nan", "na", "n/a", "null", "none", "?")  # cells that mean "no value"
 
 
 @dataclasses.dataclass
@@ -227,9 +228,14 @@ def read_table(path: str, target: str | int):
         feats = [h for i, h in enumerate(header) if i != t]
         x = np.stack([_numeric(cols[i], header[i], path) for i in range(len(header)) if i != t], 1)
         y_cells = cols[t]
-        try:
+        for i, c in enumerate(y_cells):
+            if c == "" or c.lower() in _MISSING:
+                raise ValueError(
+                    f"{path}: missing value in column {header[t]!r} at data row {i + 1}"
+                )
+        if all(_is_float(c) for c in y_cells):
             y = _numeric(y_cells, header[t], path)
-        except ValueError:
+        else:
             y = np.array(y_cells, dtype=object)  # class names: encoded by the caller
         return x, y, feats, str(target)
     if ext == ".npz":
@@ -293,10 +299,18 @@ def read_csv(path: str) -> tuple[list[str], list[list[str]]]:
     return header, cols
 
 
+def _is_float(c: str) -> bool:
+    try:
+        float(c)
+    except ValueError:
+        return False
+    return True
+
+
 def _numeric(cells: list[str], column: str, path: str) -> np.ndarray:
     out = np.empty(len(cells), np.float64)
     for i, c in enumerate(cells):
-        if c == "" or c.lower() in ("nan", "na", "null", "none"):
+        if c == "" or c.lower() in _MISSING:
             raise ValueError(f"{path}: missing value in column {column!r} at data row {i + 1}")
         try:
             out[i] = float(c)
