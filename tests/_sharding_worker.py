@@ -148,6 +148,61 @@ def _report(state, losses):
     }
 
 
+def quantized_zero1(mesh, steps: int = 5) -> dict:
+    """8-bit moments (`jadam.Quantized`) with replicated vs ZeRO-1 state, on `mesh`.
+
+    Returns the largest parameter difference between the two, and the state's
+    bytes per device and in total for each (the moments are `QuantizedMoment`
+    pytrees: uint8 codes in the parameter's shape plus per-block float32 scales).
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jadam
+
+    tx = jadam.adam(1e-2, mu_dtype="q8", nu_dtype=jadam.Quantized(block_size=64, min_size=0))
+    params = {
+        "w": jnp.linspace(-1.0, 1.0, 256 * 64).reshape(256, 64),  # 16384 entries: quantized
+        "b": jnp.zeros(64),  # mu stays float32 (min_size), nu: 1 block of 64
+        "odd": jnp.ones((3, 5)),  # nothing divides by 8: replicated either way
+    }
+    x = np.random.RandomState(0).normal(size=(64, 256)).astype(np.float32)
+    rep = jadam.replicated(mesh)
+    out = {}
+    for name, zero1_axis in (("replicated", None), ("zero1", "data")):
+        state_sh = (rep, jadam.state_shardings(tx, params, rep, zero1_axis=zero1_axis))
+
+        def step(state, xb):
+            p, s = state
+            loss_fn = lambda p: jnp.mean((xb @ p["w"] + p["b"]) ** 2) + jnp.sum(p["odd"] ** 2)
+            loss, g = jax.value_and_grad(loss_fn)(p)
+            u, s = tx.update(g, s, p)
+            return (optax.apply_updates(p, u), s), loss
+
+        step = jadam.jit_data_parallel(step, mesh, state_sh)
+        state = jax.jit(lambda p: (p, tx.init(p)), out_shardings=state_sh)(params)
+        batch = jadam.shard_batch(x, mesh)
+        for _ in range(steps):
+            state, _ = step(state, batch)
+        out[name] = (
+            jadam.to_host(state[0]),
+            sorted(set(jadam.bytes_per_device(state[1]).values())),
+            sum(leaf.nbytes for leaf in jax.tree.leaves(state[1])),
+        )
+    diff = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(
+            jax.tree.leaves(out["replicated"][0]), jax.tree.leaves(out["zero1"][0]), strict=True
+        )
+    )
+    return {
+        "max_param_diff": diff,
+        **{f"{k}_bytes_per_device": v[1] for k, v in out.items()},
+        **{f"{k}_bytes_total": v[2] for k, v in out.items()},
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)

@@ -19,6 +19,7 @@ all-reduce, a state shard applied to the wrong rows) fails loudly.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -284,6 +285,8 @@ except ValueError as e:
     print("shard_batch error:", e)
 x = jadam.shard_batch(np.arange(16.0).reshape(16, 1), mesh)
 print("rows per device:", sorted({{s.data.shape[0] for s in x.addressable_shards}}))
+import json
+print("q8:", json.dumps(w.quantized_zero1(mesh)))
 """
 
 
@@ -337,6 +340,22 @@ def test_shard_batch_splits_rows_and_rejects_indivisible_batches(eight_devices):
     _, log = eight_devices
     assert "shard_batch error:" in log and "multiple of 8" in log
     assert "rows per device: [2]" in log
+
+
+@pytest.mark.slow
+def test_zero1_shards_quantized_moments(eight_devices):
+    _, log = eight_devices
+    q8 = json.loads(log.split("q8:", 1)[1].splitlines()[0])
+    # Same arithmetic, only stored elsewhere: bit-identical parameters.
+    assert q8["max_param_diff"] == 0.0
+    total = q8["zero1_bytes_total"]
+    assert q8["replicated_bytes_per_device"] == [total]
+    (per_device,) = q8["zero1_bytes_per_device"]
+    # Left replicated (nothing divides by 8): the count (4 bytes); "odd"'s float32 mu
+    # (15 entries < min_size: 60) and 8-bit nu (15 codes + one scale: 19); "b"'s one
+    # nu scale (4). Everything else, codes and scales included, is split 8 ways.
+    replicated_bytes = 4 + 60 + 19 + 4
+    assert per_device == (total - replicated_bytes) // 8 + replicated_bytes
 
 
 # ---------------------------------------------------------------- two processes
