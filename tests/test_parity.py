@@ -170,6 +170,7 @@ CASES = [
     # raw v.
     _c("amsgrad", "optax"),
     _c("amsgrad", "optax", "l2", l2=L2),
+    _c("amsgrad", "optax", "eps_root", eps_root=1e-2),
     _c("amsgrad", "pytorch"),
     _c("amsgrad", "pytorch", "l2", l2=L2),
     _c("amsgrad", "keras"),
@@ -195,6 +196,7 @@ CASES = [
     _c("adamaxw", "optax", "schedules", **SCHEDULES),
     _c("adamaxw", "pytorch"),
     _c("adamaxw", "pytorch", "schedules", **SCHEDULES),
+    _c("adamaxw", "pytorch", "mask", mask=MATRICES),
     _c("adamaxw", "keras"),
     _c("adamaxw", "keras", "mask", mask=MATRICES),
     # NAdam: constant b1 (optax), Dozat's schedule with psi = 0.004 (torch) or 1 (Keras).
@@ -208,9 +210,11 @@ CASES = [
     _c("nadam", "keras", "l2", l2=L2),
     _c("nadamw", "optax"),
     _c("nadamw", "optax", "schedules", **SCHEDULES),
+    _c("nadamw", "optax", "mask", mask=MATRICES),
     _c("nadamw", "pytorch"),
     _c("nadamw", "pytorch", "momentum_decay", momentum_decay=0.01),
     _c("nadamw", "pytorch", "schedules", **SCHEDULES),
+    _c("nadamw", "pytorch", "mask", mask=MATRICES),
     _c("nadamw", "keras"),
     _c("nadamw", "keras", "schedules", **SCHEDULES),
     # RAdam: rho_t >= threshold (optax) or > 5 (torch), eps on sqrt of the raw v (torch).
@@ -239,9 +243,10 @@ DTYPES = {"float64": np.float64, "float32": np.float32}
 # float32: 1e-5 is ~80 float32 ulps of the scale. Two correct float32 runs drift apart
 # by the rounding of p at each of the 100 steps (ulp/2 = 6e-8 relative each) and by
 # the rounding of step constants such as 1 - lr*wd (up to 6e-8 relative per step, a
-# systematic drift of up to 6e-6 over 100 steps); measured: <= 5e-6 between the
-# frameworks and the float64 transcriptions.
-# float64: 1e-10, as the issue asks (measured: ~1e-13).
+# systematic drift of up to 6e-6 over 100 steps). Measured worst: 3.7e-6 between a
+# float32 framework run and the float64 transcription (optax amsgrad), 7.9e-7 between
+# jadam's float32 run and the transcription.
+# float64: 1e-10, as the issue asks (measured worst: 5e-15).
 RTOL = {"float64": 1e-10, "float32": 1e-5}
 
 
