@@ -9,8 +9,21 @@ Several processes (hosts) join through `jax.distributed.initialize`, after which
 
 ZeRO-1 (Rajbhandari et al., arXiv:1910.02054, stage 1) is only a different
 sharding of the optimizer state: each moment leaf is split over the data axis,
-so each device stores 1/N of it. XLA then reduce-scatters the gradients into the
-moment shards and all-gathers the updates into the replicated parameters.
+so each device stores 1/N of it and updates only its slice; XLA all-gathers the
+updates into the replicated parameters. (On CPU the compiled step shows one
+gradient all-reduce plus the all-gathers; whether a backend turns the
+all-reduce into a reduce-scatter is XLA's choice.) The arithmetic is the same
+as without it: parameters come out bit-identical.
+
+Usage (the same code on 1 device, N devices, or N processes)::
+
+    mesh = jadam.data_parallel_mesh()                     # every device, axis "data"
+    rep = jadam.replicated(mesh)
+    state_sh = (rep, jadam.state_shardings(tx, params, rep, zero1_axis="data"))
+    step = jadam.jit_data_parallel(step_fn, mesh, state_sh)  # step_fn(state, batch)
+    state = jax.jit(lambda p: (p, tx.init(p)), out_shardings=state_sh)(params)
+    for x, y in batches:
+        state, loss = step(state, jadam.shard_batch((x, y), mesh))
 
 The functions here work the same in one process and in several: batches and
 replicated trees are built with `jax.make_array_from_callback` /
@@ -393,8 +406,8 @@ def jit_data_parallel(
 
     `state` has `state_sharding` in and out (a tree of shardings or one for
     all), every leaf of `batch` is split along `batch_dim` over `axis`,
-    and `aux` (metrics) comes back replicated. The gradient all-reduce (or,
-    with ZeRO-1 state, reduce-scatter and all-gather) is inserted by XLA.
+    and `aux` (metrics) comes back replicated. The gradient all-reduce (and,
+    with ZeRO-1 state, the all-gather of the updates) is inserted by XLA.
     The same function runs on one device (a one-device mesh) and on many.
     """
     return jax.jit(
