@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jadam._rounding import random_bits
+
 
 class QuantizedMoment(NamedTuple):
     """One moment leaf stored in 8 bits (a pytree: jits, checkpoints, shards)."""
@@ -52,7 +54,7 @@ class Minifloat:
     @property
     def top(self) -> float:
         """The largest representable magnitude; a block's absmax maps onto it."""
-        return 2.0 - 2.0 ** -self.mantissa_bits
+        return 2.0 - 2.0**-self.mantissa_bits
 
     @property
     def max_code(self) -> int:
@@ -124,7 +126,7 @@ def quantize(
     absmax = jnp.max(jnp.abs(rows), axis=1)
     scales = absmax / fmt.top
     inverse = jnp.where(scales > 0, 1 / jnp.where(scales > 0, scales, 1), 0)
-    noise = None if key is None else jax.random.bits(key, rows.shape, jnp.uint32)
+    noise = None if key is None else random_bits(key, rows.shape)
     codes = fmt.encode(rows * inverse[:, None], noise).astype(jnp.uint8)
     return QuantizedMoment(_unblock(codes, x.shape), scales)
 
@@ -190,9 +192,7 @@ class Quantized:
         if not self.quantizes(param):
             return jnp.zeros(jnp.shape(param), jnp.float32)
         blocks = -(-math.prod(param.shape) // self.block_size)
-        return QuantizedMoment(
-            jnp.zeros(param.shape, jnp.uint8), jnp.zeros((blocks,), jnp.float32)
-        )
+        return QuantizedMoment(jnp.zeros(param.shape, jnp.uint8), jnp.zeros((blocks,), jnp.float32))
 
     def read(self, stored: Any, dtype: Any) -> jax.Array:
         if not isinstance(stored, QuantizedMoment):
