@@ -20,13 +20,13 @@ all-reduce, a state shard applied to the wrong rows) fails loudly.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import _sharding_procs as procs  # tests/ is on sys.path (pytest's rootdir import)
+import _sharding_worker as worker
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -250,12 +250,6 @@ def test_init_distributed_with_one_process_is_a_no_op():
 # ---------------------------------------------------------------- 8 simulated devices
 
 
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", **extra)
-    return env
-
-
 def _run(cmd, env, cwd, timeout):
     """Run, always reap; on failure show the output."""
     proc = subprocess.Popen(
@@ -295,7 +289,7 @@ def eight_devices(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eight")
     out = tmp / "r.npz"
     code = _CHECKS_8.format(tests=str(TESTS), out=str(out))
-    env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = procs.cpu_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
     log = _run([sys.executable, "-c", code], env, tmp, timeout=180)
     return dict(np.load(out)), log
 
@@ -361,52 +355,29 @@ def test_zero1_shards_quantized_moments(eight_devices):
 # ---------------------------------------------------------------- two processes
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _two_processes(tmp: Path, timeout: float = 120.0):
-    port = _free_port()
-    procs, logs = [], []
-    try:
-        for pid in range(2):
-            log = open(tmp / f"p{pid}.log", "w")  # noqa: SIM115 - closed below
-            logs.append(log)
-            cmd = [
-                sys.executable, str(WORKER), "--out", str(tmp / f"p{pid}.npz"),
-                "--runs", "all,allz,sallz", "--coordinator", f"127.0.0.1:{port}",
-                "--num-processes", "2", "--process-id", str(pid),
-            ]  # fmt: skip
-            procs.append(
-                subprocess.Popen(cmd, env=_env(), cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
-            )
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        for p in procs:  # always reap, whatever happened
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for log in logs:
-            log.close()
-    return [p.returncode for p in procs], [(tmp / f"p{i}.log").read_text() for i in range(2)]
-
-
 @pytest.mark.slow
 def test_two_processes_on_loopback_train_like_one(tmp_path):
-    codes, logs = _two_processes(tmp_path)
-    if codes != [0, 0] and any("address already in use" in s.lower() for s in logs):
-        codes, logs = _two_processes(tmp_path)  # lost the free port to a race: once more
-    assert codes == [0, 0], "\n---\n".join(logs)
+    results = procs.run_processes(
+        lambda pid, address: [
+            sys.executable,
+            str(WORKER),
+            "--out",
+            str(tmp_path / f"p{pid}.npz"),
+            "--runs",
+            "all,allz,sallz",
+            "--coordinator",
+            address,
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(pid),
+        ],  # fmt: skip
+        n=2,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert [code for code, _ in results] == [0, 0], "\n---\n".join(out for _, out in results)
 
-    sys.path.insert(0, str(TESTS))
-    try:
-        import _sharding_worker as worker
-    finally:
-        sys.path.remove(str(TESTS))
     one = worker.train(jadam.data_parallel_mesh(jax.devices()[:1]), zero1=False)
     ref = {f"one/params/{i}": a for i, a in enumerate(one["params"])}
 
@@ -421,3 +392,21 @@ def test_two_processes_on_loopback_train_like_one(tmp_path):
         assert r["allz/state_bytes"].tolist() == [(total - 4) // 2 + 4]
         assert r["sallz/state_bytes"].tolist() == [(total - 4) // 2 + 4]
         assert r["all/state_bytes"].tolist() == [total]
+
+
+def test_process_runner_kills_what_outlives_its_timeout(tmp_path):
+    start = time.monotonic()
+    results = procs.run_processes(
+        lambda pid, address: (
+            [sys.executable, "-c", f"print({pid}, {address!r}, flush=True)"]
+            if pid == 0
+            else [sys.executable, "-c", "import time; time.sleep(60)"]
+        ),
+        n=2,
+        cwd=tmp_path,
+        timeout=3,
+    )
+    assert time.monotonic() - start < 30
+    (code0, out0), (code1, out1) = results
+    assert code0 == 0 and out0.startswith("0 127.0.0.1:")
+    assert code1 < 0 and "[killed: timed out]" in out1
