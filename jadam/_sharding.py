@@ -380,14 +380,14 @@ def state_shardings(
 
     try:
         marked = jax.eval_shape(tx.init, _Params())
-        return jax.tree.map(
-            lambda m, sub: params_tree(sub) if _is_params(m) else rep,
-            marked,
-            state,
-            is_leaf=_is_params,
-        )
-    except Exception:  # any init that cannot run on the marker: match by shape
+        outline = jax.tree.structure(marked, is_leaf=_is_params)
+        subtrees = outline.flatten_up_to(state)
+    except Exception:  # an init that cannot run on the marker: match leaves by shape
         return jax.tree.map(by_shape_sharding, state)
+    marks = outline.flatten_up_to(marked)
+    return outline.unflatten(
+        [params_tree(sub) if _is_params(m) else rep for m, sub in zip(marks, subtrees, strict=True)]
+    )
 
 
 # --------------------------------------------------------------------------- steps
