@@ -83,7 +83,7 @@ def _to_tree(x: Any, what: str) -> Any:
     if a.ndim == 1:
         a = a[:, None]  # a single feature per example
     check_finite(a, what)
-    return a.astype(np.float32)
+    return a.astype(np.float32, copy=False)
 
 
 def _length(x: Any, what: str) -> int:
@@ -376,6 +376,24 @@ class Trainer:
             cb.set_trainer(self)
             cb.on_train_begin({})
         progress = _Progress(verbose, epochs, self.epochs_done)
+        # Without callbacks nothing can stop training early, so epoch e+1 is dispatched
+        # before epoch e's numbers are pulled to the host: the host-side bookkeeping
+        # (logs, history, progress) overlaps the device's work instead of idling it.
+        pipelined = not callbacks and spc >= steps
+        pending = None
+
+        def finish(item) -> None:
+            epoch, flat, vflat, t0 = item
+            logs = self._logs(np.asarray(flat))  # host sync point: once per call
+            if vflat is not None:
+                vlogs = self._logs(np.asarray(vflat))
+                logs.update({"val_" + k: v for k, v in vlogs.items()})
+            history.append(epoch, logs)
+            self.history.append(epoch, logs)
+            progress.epoch_end(epoch, logs, time.perf_counter() - t0)
+            for cb in callbacks:
+                cb.on_epoch_end(epoch, logs)
+
         try:
             for _ in range(epochs):
                 t0 = time.perf_counter()
@@ -385,30 +403,30 @@ class Trainer:
                 for start in range(0, steps, spc):
                     # A chunk is one compiled call; only the chunk's indices cross over.
                     self.state, flat = self.programs.train_chunk(
-                        self.state,
-                        self.rest,
-                        xd,
-                        yd,
-                        idx[start : start + spc],
-                        w[start : start + spc],
-                    )
-                    flat = np.asarray(flat)  # host sync point: once per call
-                    total = flat if total is None else total + flat
+                        self.state, self.rest, xd, yd,
+                        idx[start : start + spc], w[start : start + spc],
+                    )  # fmt: skip
                     if spc < steps:
+                        flat = np.asarray(flat)  # host sync point: once per call
+                        total = flat if total is None else total + flat
                         progress.chunk(min(start + spc, steps) / steps, self._logs(total))
-                logs = self._logs(total)
+                    else:
+                        total = flat  # still on the device
+                vflat = None
                 if vald is not None:
-                    vlogs = self._evaluate_placed(self.state.params, *vald)
-                    logs.update({"val_" + k: v for k, v in vlogs.items()})
-                epoch = self.epochs_done
+                    vflat = self.programs.eval_chunk(self.state.params, self.rest, *vald)
+                item = (self.epochs_done, total, vflat, t0)
                 self.epochs_done += 1
-                history.append(epoch, logs)
-                self.history.append(epoch, logs)
-                progress.epoch_end(epoch, logs, time.perf_counter() - t0)
-                for cb in callbacks:
-                    cb.on_epoch_end(epoch, logs)
-                if self.stop_training:
-                    break
+                if pipelined:
+                    if pending is not None:
+                        finish(pending)
+                    pending = item
+                else:
+                    finish(item)
+                    if self.stop_training:
+                        break
+            if pending is not None:
+                finish(pending)
         finally:
             progress.close()
         for cb in callbacks:
