@@ -4,7 +4,9 @@
 Table 1 sums `nbytes` over the leaves of the optimizer state (the count
 included) and divides by the number of parameters, for one 2**24 leaf and for
 the ~200-leaf, ~16M-parameter tree of `update_step.py`.
-Table 2 runs, in a fresh process per option, `init` plus two jitted, donated
+Table 2 asks XLA how much temporary memory the compiled, donated step needs
+beyond its arguments (exact buffer accounting, no process noise).
+Table 3 runs, in a fresh process per option, `init` plus two jitted, donated
 update-and-apply steps on the tree and reports the process' peak resident
 memory (`ru_maxrss`), next to a process that only holds parameters and
 gradients.
@@ -76,6 +78,22 @@ def main() -> None:
             f"| {name} | {state_bytes_per_param(options, large):.3f} | "
             f"{state_bytes_per_param(options, tree):.3f} |"
         )
+    print("\n## XLA's buffers for one donated step on the tree (compiled.memory_analysis())\n")
+    print("| storage | state MiB | temporaries MiB | temporaries B/param |")
+    print("|---|---|---|---|")
+    for name, options in OPTIONS.items():
+        tx = jadam.adam(1e-3, **options)
+        state = jax.eval_shape(tx.init, tree)
+
+        def step(params, state, grads, tx=tx):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        jitted = jax.jit(step, donate_argnums=(0, 1))
+        stats = jitted.lower(tree, state, tree).compile().memory_analysis()
+        state_mib = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state)) / 2**20
+        temp = stats.temp_size_in_bytes
+        print(f"| {name} | {state_mib:.0f} | {temp / 2**20:.0f} | {temp / n_tree:.2f} |")
     print("\n## Peak process memory, init + 2 donated steps on the tree (fresh process each)\n")
     print("| run | peak RSS MiB | over params only |")
     print("|---|---|---|")

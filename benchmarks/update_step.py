@@ -120,7 +120,9 @@ def contenders(case: str, params, grads):
     }
     if flat:
         out["jadam.flat f32"] = lambda: jax_step(jadam.flat(jadam.adam(lr)), params, grads)
-    wrap = jadam.flat if flat else (lambda tx: tx)
+    # Low-precision state leafwise, except on many tiny leaves (under q8's
+    # min_size they would stay float32), where the flat layout packs them.
+    wrap = jadam.flat if case == "many" else (lambda tx: tx)
     bf16 = jadam.StochasticRounding("bfloat16")
     out["jadam bf16 state"] = lambda: jax_step(
         wrap(jadam.adam(lr, mu_dtype=bf16, nu_dtype=bf16)), params, grads
