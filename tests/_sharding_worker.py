@@ -6,8 +6,9 @@
         --coordinator 127.0.0.1:12345 --num-processes 2 --process-id 0   # and id 1
 
 A run tag is `d<K>` (the first K devices of this process) or `all` (every device
-of every process), with an `s` prefix for the trainer's scan recipe (`sd8`; see `train`)
-and a `z` suffix for ZeRO-1 optimizer state. Every run trains
+of every process), with an `s` prefix for the trainer's scan recipe (`sd8`; see `train`),
+an `m` suffix for a (devices/2, 2) mesh ("data", "model") whose parameters are split
+over "model" by user rules, and a `z` suffix for ZeRO-1 optimizer state. Every run trains
 the same MLP from the same initial parameters on the same global batches; with
 several processes, the step loop feeds each process's own rows of each batch
 (`shard_local_batch`) and the scan recipe gives every process the whole index
@@ -52,6 +53,8 @@ def train(mesh, *, zero1: bool, steps: int = STEPS, local: bool = False, scan: b
     import jax
     import jax.numpy as jnp
     import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     import jadam
 
@@ -67,8 +70,16 @@ def train(mesh, *, zero1: bool, steps: int = STEPS, local: bool = False, scan: b
     # Same seed everywhere: every process builds the same initial parameters.
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, FEATURES)))
     rep = jadam.replicated(mesh)
-    opt_sh = jadam.state_shardings(tx, params, rep, zero1_axis="data" if zero1 else None)
-    state_sh = (rep, opt_sh)  # one sharding for all params (a tree prefix), the state's tree
+    if "model" in mesh.axis_names:
+        # User rules: split each layer's output features over "model" (tensor
+        # parallel), replicated over "data"; the batch is split over "data" only.
+        param_sh = jax.tree.map(
+            lambda p: NamedSharding(mesh, P(*[None] * (p.ndim - 1), "model")), params
+        )
+    else:
+        param_sh = rep  # one sharding for every parameter (a tree prefix)
+    opt_sh = jadam.state_shardings(tx, params, param_sh, zero1_axis="data" if zero1 else None)
+    state_sh = (param_sh, opt_sh)
 
     def step(state, batch):
         params, opt_state = state
@@ -228,9 +239,12 @@ def main(argv=None) -> int:
 
     out = {}
     for tag in args.runs.split(","):
-        scan, count, zero1 = re.fullmatch(r"(s?)(?:d(\d+)|all)(z?)", tag).groups()
+        scan, count, model, zero1 = re.fullmatch(r"(s?)(?:d(\d+)|all)(m?)(z?)", tag).groups()
         devices = jax.devices() if count is None else jax.devices()[: int(count)]
-        mesh = jadam.data_parallel_mesh(devices)
+        if model:
+            mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1, 2), ("data", "model"))
+        else:
+            mesh = jadam.data_parallel_mesh(devices)
         result = train(mesh, zero1=bool(zero1), local=distributed, scan=bool(scan))
         for key, value in result.items():
             if key == "params":

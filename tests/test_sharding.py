@@ -269,7 +269,7 @@ _CHECKS_8 = """
 import sys
 sys.path.insert(0, {tests!r})
 import _sharding_worker as w
-w.main(["--out", {out!r}, "--runs", "d1,d8,d8z,sd8,sd8z"])
+w.main(["--out", {out!r}, "--runs", "d1,d8,d8z,sd8,sd8z,d8m,sd8mz"])
 import jax, jadam, numpy as np
 assert jax.device_count() == 8
 mesh = jadam.data_parallel_mesh()
@@ -305,10 +305,12 @@ def _assert_same_params(a, b, tag_a, tag_b):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tag", ["d8", "d8z", "sd8", "sd8z"])
+@pytest.mark.parametrize("tag", ["d8", "d8z", "sd8", "sd8z", "d8m", "sd8mz"])
 def test_eight_devices_train_like_one(eight_devices, tag):
     """d: a jitted step per batch; s: the trainer's recipe, one `lax.scan` per chunk
-    over replicated data with `(steps, batch)` row indices split along dimension 1."""
+    over replicated data with `(steps, batch)` row indices split along dimension 1;
+    m: a 4x2 ("data", "model") mesh with the layers' output features split over
+    "model" (user rules); z: ZeRO-1 state."""
     r, _ = eight_devices
     _assert_same_params(r, r, "d1", tag)
     np.testing.assert_allclose(r[f"{tag}/losses"], r["d1/losses"], rtol=RTOL, atol=ATOL)
@@ -321,12 +323,14 @@ def test_zero1_stores_one_eighth_of_the_state_per_device(eight_devices):
     r, _ = eight_devices
     total = int(r["d8z/state_total"])
     count_bytes = 4  # the int32 step count: the one leaf left replicated
-    for tag in ("d8z", "sd8z"):
+    for tag in ("d8z", "sd8z", "sd8mz"):
         assert r[f"{tag}/state_bytes"].tolist() == [(total - count_bytes) // 8 + count_bytes] * 8
         assert r[f"{tag}/state_bytes"].max() <= total / 8 + count_bytes
     # Without ZeRO-1 every device holds the whole state (replicated parameters).
     for tag in ("d1", "d8", "sd8"):
         assert r[f"{tag}/state_bytes"].tolist() == [total] * (1 if tag == "d1" else 8)
+    # Parameters split over "model" (2): so are their moments.
+    assert r["d8m/state_bytes"].tolist() == [(total - count_bytes) // 2 + count_bytes] * 8
 
 
 @pytest.mark.slow
