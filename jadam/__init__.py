@@ -35,8 +35,10 @@ from jadam._sharding import to_host as to_host
 
 # --- memory and speed (issue 4) ---
 # isort: split
+from jadam._fused import FlatLayout as FlatLayout
 from jadam._fused import FlatState as FlatState
 from jadam._fused import flat as flat
+from jadam._fused import flat_layout as flat_layout
 from jadam._quantize import Quantized as Quantized
 from jadam._quantize import QuantizedMoment as QuantizedMoment
 from jadam._rounding import StochasticRounding as StochasticRounding

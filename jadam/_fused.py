@@ -10,7 +10,9 @@ handful of leaves whatever the model, and an 8-bit storage quantizes small
 leaves too (they share blocks instead of staying float32).
 
 Unlike `optax.flatten` it keeps each dtype in its own buffer (bf16 parameters
-are not promoted), passes `None` leaves through and checks the tree.
+are not promoted), passes `None` leaves through and checks the tree. Its
+updates still come back leaf by leaf; for speed keep the parameters
+themselves flat with `flat_layout`, so that no per-leaf work is left at all.
 """
 
 from __future__ import annotations
@@ -45,6 +47,59 @@ def _ravel(leaves: list[Any], groups: dict[str, list[int]]) -> dict[str, jax.Arr
         name: jnp.concatenate([jnp.ravel(leaves[i]) for i in index])
         for name, index in groups.items()
     }
+
+
+class FlatLayout:
+    """Where each leaf of a parameter tree lives in one flat vector per dtype.
+
+    Build it with `flat_layout(params)`. `ravel(tree)` concatenates a tree shaped
+    like the parameters into `{dtype name: 1-D array}`; `unravel(flat)` cuts
+    such a dict back into the tree (slices and reshapes, which XLA fuses into
+    their consumers). Both are pure, jit-able and differentiable, so a loss
+    written as `loss(layout.unravel(flat), batch)` has gradients that arrive
+    already flat.
+
+    Keeping parameters flat is the fast layout for an update step: any
+    optimizer then updates a few long vectors, whatever the number of leaves
+    (2,000 leaves: one compiled loop nest instead of 2,000, and a compile
+    time of about a second instead of tens of seconds).
+    """
+
+    def __init__(self, params: Any):
+        leaves, self.treedef = jax.tree.flatten(params, is_leaf=nx.is_none)
+        self.shapes = [None if leaf is None else tuple(leaf.shape) for leaf in leaves]
+        self.groups = _groups(leaves)
+
+    def ravel(self, tree: Any) -> dict[str, jax.Array]:
+        return _ravel(self.treedef.flatten_up_to(tree), self.groups)
+
+    def unravel(self, flat: dict[str, jax.Array]) -> Any:
+        out: list[Any] = [None] * len(self.shapes)
+        for name, index in self.groups.items():
+            start = 0
+            for i in index:
+                size = math.prod(self.shapes[i])
+                out[i] = flat[name][start : start + size].reshape(self.shapes[i])
+                start += size
+        return self.treedef.unflatten(out)
+
+
+def flat_layout(params: Any) -> FlatLayout:
+    """The `FlatLayout` of `params`: keep parameters flat, update them in one pass.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, jadam
+      >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+      >>> layout = jadam.flat_layout(params)
+      >>> flat = layout.ravel(params)            # {"float32": 8 values}
+      >>> tx = jadam.adam(0.1)
+      >>> state = tx.init(flat)
+      >>> loss = lambda flat: jnp.sum(layout.unravel(flat)["w"] ** 2)
+      >>> updates, state = tx.update(jax.grad(loss)(flat), state, flat)
+      >>> layout.unravel(optax.apply_updates(flat, updates))["w"][0]
+      Array([0.9, 0.9], dtype=float32)
+    """
+    return FlatLayout(params)
 
 
 def flat(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
