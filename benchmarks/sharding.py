@@ -11,10 +11,16 @@ Configurations, all `jadam.jit_data_parallel` on a `jadam.data_parallel_mesh`:
 The device count is fixed when JAX starts, so each process is started with
 `--xla_force_host_platform_device_count=8` and builds all three configurations;
 they are timed interleaved (A B C A B C ..., blocks of a few steps) because these
-machines are noisy (FACTS.md). A plain process (one CPU device, no flag) times the
-1-device step too, as a control that the flag itself costs nothing. Processes
-alternate (forced, plain, forced, ...) for `--rounds` rounds. The table gives the
-median over all blocks of all rounds, and each configuration's ratio to 1 device.
+machines are noisy (FACTS.md): the ratios between them are the result. A plain
+process (one CPU device, no flag) times the 1-device step too, as a control on the
+flag; it runs at another moment, so on a shared machine its row moves with the load
+(measured both 0.8x and 1.3x of the in-process 1-device row). Processes alternate
+(forced, plain, forced, ...) for `--rounds` rounds. The table gives the median over
+all blocks of all rounds, and each configuration's ratio to 1 device.
+
+Why ZeRO-1 is faster than plain 8-way data parallelism here: with replicated state
+each of the 8 simulated devices runs the whole Adam update on the same 2 cores;
+with ZeRO-1 each updates 1/8 of it, then the updates are all-gathered.
 
 On a CPU the 8 "devices" share the same cores and memory: this measures what SPMD
 partitioning and the collectives cost (or save), not a speed-up from more hardware.
