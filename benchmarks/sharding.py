@@ -18,13 +18,14 @@ flag; it runs at another moment, so on a shared machine its row moves with the l
 (forced, plain, forced, ...) for `--rounds` rounds. The table gives the median over
 all blocks of all rounds, and each configuration's ratio to 1 device.
 
-Why ZeRO-1 is faster than plain 8-way data parallelism here: with replicated state
+Why ZeRO-1 is likely faster than plain 8-way data parallelism here: with replicated state
 each of the 8 simulated devices runs the whole Adam update on the same 2 cores;
 with ZeRO-1 each updates 1/8 of it, then the updates are all-gathered.
 
 On a CPU the 8 "devices" share the same cores and memory: this measures what SPMD
 partitioning and the collectives cost (or save), not a speed-up from more hardware.
-On a GPU/TPU host, run with --devices set to the real count and no forced flag.
+On a GPU host: `JAX_PLATFORMS=cuda python benchmarks/sharding.py --devices N` (the
+forced-device flag only affects the CPU platform; the 1-device row uses the first GPU).
 """
 
 from __future__ import annotations
