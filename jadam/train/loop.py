@@ -3,10 +3,13 @@
 A chunk is ``steps`` batches run as ONE jitted ``lax.scan``. The data arrays live on
 the device for the whole ``fit``; each call receives only a small ``(steps, batch)``
 array of row indices (a NumPy permutation made on the host: ~free, whereas
-``jax.random.permutation`` of 100k indices costs ~60 ms on a 2-core CPU) and a
-matching array of weights. Rows past the end of the data are padded with index 0 and
-weight 0, so every chunk of an epoch has the same shape (one compilation) and the
-weighted means count every real example exactly once (no data dropped).
+``jax.random.permutation`` of 100k indices costs ~60 ms on a 2-core CPU).
+
+The last partial batch: in training it runs as one extra step at its own static size
+inside the same program (``train_plan``), so no compute is wasted on padding and the
+shapes are the same every epoch (one compilation per ``fit`` shape). Evaluation and
+prediction pad it to a full batch with weight 0 (``batch_plan``); the weighted sums
+count every real example exactly once (no data dropped).
 
 The train state is donated: XLA updates parameters and optimizer state in place
 instead of page-faulting fresh buffers every call. All loss and metric sums come back
@@ -44,6 +47,17 @@ def batch_plan(
     w = np.zeros(steps * batch_size, np.float32)
     w[:n] = 1.0
     return idx.reshape(steps, batch_size), w.reshape(steps, batch_size)
+
+
+def train_plan(
+    n: int, batch_size: int, perm: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Full batches ``(steps, batch)`` of row indices, and the last partial batch (or None)."""
+    order = np.arange(n, dtype=np.int32) if perm is None else perm.astype(np.int32)
+    full = n // batch_size
+    idx = order[: full * batch_size].reshape(full, batch_size)
+    rem = order[full * batch_size :] if n % batch_size else None
+    return idx, rem
 
 
 def _take(x: Any, rows: jax.Array) -> Any:
@@ -120,30 +134,37 @@ class Programs:
             logs[m.name] = m.result(s)
         return logs
 
-    def _train_chunk(self, state: TrainState, rest, x, y, idx, w):
+    def _train_chunk(self, state: TrainState, rest, x, y, idx, rem):
+        """``idx``: (steps, batch) full batches, scanned; ``rem``: the epoch's last partial
+        batch (its own static size) or None. Every row counts exactly once."""
         self.trace_counts["train"] += 1  # Python side effect: runs only while tracing
 
-        def loss_fn(params, xb, yb, wb):
+        def loss_fn(params, xb, yb):
             out = self.adapter.apply(params, rest, xb)
             per = self.loss.fn(out, yb).astype(jnp.float32)
             penalty = weight_penalty(params, self.l1, self.l2)
-            # Weighted mean over the real rows of this batch (padded rows weigh 0).
-            total = jnp.sum(wb * per) / jnp.maximum(jnp.sum(wb), 1.0) + penalty
-            return total, (out, per, penalty)
+            return jnp.mean(per) + penalty, (out, per, penalty)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-        def body(carry, batch):
+        def step(carry, rows):
             state, sums = carry
-            rows, wb = batch
             xb, yb = _take(x, rows), _take(y, rows)
-            (_, (out, per, penalty)), grads = grad_fn(state.params, xb, yb, wb)
+            (_, (out, per, penalty)), grads = grad_fn(state.params, xb, yb)
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
+            wb = jnp.ones(rows.shape, jnp.float32)
             sums = self._add(sums, out, yb, wb, per, penalty)
             return (TrainState(params, opt_state, state.step + 1, state.rng), sums), None
 
-        (state, sums), _ = jax.lax.scan(body, (state, self._zero_sums()), (idx, w))
+        carry = (state, self._zero_sums())
+        if idx.shape[0]:
+            carry, _ = jax.lax.scan(step, carry, idx)
+        if rem is not None:
+            # The last partial batch runs at its own (static) size, inside the same program:
+            # no padding compute in training, no recompilation across epochs.
+            carry, _ = step(carry, rem)
+        state, sums = carry
         return state, self._flat(sums)
 
     def _eval_chunk(self, params, rest, x, y, idx, w):

@@ -31,7 +31,7 @@ from jadam.train import io as _io
 from jadam.train.callbacks import Callback
 from jadam.train.datasets import check_finite
 from jadam.train.history import History
-from jadam.train.loop import Programs, TrainState, batch_plan
+from jadam.train.loop import Programs, TrainState, batch_plan, train_plan
 from jadam.train.losses import get_loss, get_metric
 from jadam.train.models import ModelAdapter
 
@@ -368,8 +368,10 @@ class Trainer:
                 *map(jax.device_put, batch_plan(vn, batch_size)),
             )
 
-        steps = -(-n // batch_size)
-        spc = self.steps_per_call or steps
+        full = n // batch_size  # full batches; a partial one (if any) rides with the last chunk
+        spc = self.steps_per_call or max(full, 1)
+        starts = list(range(0, full, spc)) or [0]
+        steps = full + (n % batch_size > 0)
         history = History()
         self.stop_training = False
         for cb in callbacks:
@@ -379,7 +381,7 @@ class Trainer:
         # Without callbacks nothing can stop training early, so epoch e+1 is dispatched
         # before epoch e's numbers are pulled to the host: the host-side bookkeeping
         # (logs, history, progress) overlaps the device's work instead of idling it.
-        pipelined = not callbacks and spc >= steps
+        pipelined = not callbacks and len(starts) == 1
         pending = None
 
         def finish(item) -> None:
@@ -398,18 +400,20 @@ class Trainer:
             for _ in range(epochs):
                 t0 = time.perf_counter()
                 perm = self.np_rng.permutation(n).astype(np.int32) if shuffle else None
-                idx, w = batch_plan(n, batch_size, perm)
+                idx, rem = train_plan(n, batch_size, perm)
                 total = None
-                for start in range(0, steps, spc):
+                for i, start in enumerate(starts):
+                    last = i == len(starts) - 1
                     # A chunk is one compiled call; only the chunk's indices cross over.
                     self.state, flat = self.programs.train_chunk(
                         self.state, self.rest, xd, yd,
-                        idx[start : start + spc], w[start : start + spc],
+                        idx[start : start + spc], rem if last else None,
                     )  # fmt: skip
-                    if spc < steps:
+                    if len(starts) > 1:
                         flat = np.asarray(flat)  # host sync point: once per call
                         total = flat if total is None else total + flat
-                        progress.chunk(min(start + spc, steps) / steps, self._logs(total))
+                        done = min(start + spc, full) + (rem is not None and last)
+                        progress.chunk(done / steps, self._logs(total))
                     else:
                         total = flat  # still on the device
                 vflat = None
