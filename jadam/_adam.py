@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from jadam import _numerics as nx
-from jadam._storage import leaf_keys, resolve_storage
+from jadam._storage import fold_key, leaf_keys, resolve_storage
 
 
 class ScaleByAdamState(NamedTuple):
@@ -162,8 +162,7 @@ def scale_by_adam(
             else:
                 v_max = jnp.maximum(previous, v)
                 v_hat = v_max / bc2
-            max_key = None if key is None else jax.random.fold_in(key, 1)
-            stored += (nu_store.write(v_max, nu_max, max_key),)
+            stored += (nu_store.write(v_max, nu_max, fold_key(key, 1)),)
         else:
             v_hat = v / bc2
         denom = adam_denominator(

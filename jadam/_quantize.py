@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jadam._rounding import random_bits
+from jadam._rounding import mix, random_bits
 
 
 class QuantizedMoment(NamedTuple):
@@ -119,14 +119,14 @@ def _unblock(rows: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def quantize(
-    x: jax.Array, fmt: Minifloat, block_size: int, key: jax.Array | None = None
+    x: jax.Array, fmt: Minifloat, block_size: int, word: jax.Array | None = None
 ) -> QuantizedMoment:
-    """Blockwise 8-bit codes of float32 `x` (stochastic rounding when `key` is given)."""
+    """Blockwise 8-bit codes of float32 `x` (stochastic rounding given a uint32 `word`)."""
     rows = _blocks(x.astype(jnp.float32), block_size)
     absmax = jnp.max(jnp.abs(rows), axis=1)
     scales = absmax / fmt.top
     inverse = jnp.where(scales > 0, 1 / jnp.where(scales > 0, scales, 1), 0)
-    noise = None if key is None else random_bits(key, rows.shape)
+    noise = None if word is None else random_bits(word, rows.shape)
     codes = fmt.encode(rows * inverse[:, None], noise).astype(jnp.uint8)
     return QuantizedMoment(_unblock(codes, x.shape), scales)
 
@@ -202,8 +202,7 @@ class Quantized:
     def write(self, value: jax.Array, stored: Any, key: Any = None) -> Any:
         if not isinstance(stored, QuantizedMoment):
             return value.astype(stored.dtype)
+        word = None
         if key is not None and self.stochastic:
-            key = jax.random.fold_in(jax.random.fold_in(key, self.seed), self.stream)
-        else:
-            key = None
-        return quantize(value, self.format, self.block_size, key)
+            word = mix(mix(key, self.seed), self.stream)
+        return quantize(value, self.format, self.block_size, word)

@@ -29,18 +29,11 @@ from jadam import _numerics as nx
 _ROUNDABLE = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Uniform uint32 bits for rounding: a counter hashed with one key-derived word.
+_GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: spreads consecutive integers
 
-    `jax.random.bits` (threefry) costs ~40 ns per word on a CPU core, 20x a
-    bf16 Adam step; an integer hash of (position, seed word) fuses into the
-    update loop. Chris Wellons' `lowbias32` mixes every input bit into every
-    output bit (bias ~0.2 of an ideal hash): ample to decide a rounding
-    direction, not meant for cryptography or Monte Carlo.
-    """
-    seed = jax.random.bits(key, (), jnp.uint32)
-    count = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
-    x = count * jnp.uint32(0x9E3779B9) + seed
+
+def _lowbias32(x: jax.Array) -> jax.Array:
+    """Chris Wellons' `lowbias32` integer hash: every input bit moves every output bit."""
     x = x ^ (x >> 16)
     x = x * jnp.uint32(0x7FEB352D)
     x = x ^ (x >> 15)
@@ -48,8 +41,41 @@ def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return x ^ (x >> 16)
 
 
+def mix(word: jax.Array, salt: Any) -> jax.Array:
+    """A new uint32 random word from `word` and an integer `salt` (seed, stream, ...)."""
+    if isinstance(salt, int):
+        salted = jnp.uint32((salt * _GOLDEN) & 0xFFFFFFFF)
+    else:
+        salted = jnp.asarray(salt).astype(jnp.uint32) * jnp.uint32(_GOLDEN)
+    return _lowbias32(jnp.asarray(word, jnp.uint32) ^ salted)
+
+
+def random_bits(word: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform uint32 bits for rounding: each position hashed with one uint32 `word`.
+
+    `jax.random.bits` (threefry) costs ~40 ns per word on a CPU core, 20x a
+    bf16 Adam step, and compiling one threefry per leaf makes a 200-leaf step
+    take a minute to compile; an integer hash of (position, word) fuses into
+    the update loop. Good enough to decide rounding directions, not meant for
+    cryptography or Monte Carlo.
+    """
+    count = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    return _lowbias32((count * jnp.uint32(_GOLDEN)) ^ jnp.asarray(word, jnp.uint32))
+
+
+def leaf_words(seed: int, stream: int, count: jax.Array, n: int) -> jax.Array:
+    """`n` uint32 words, one per leaf, for step `count`: one threefry call for all leaves."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream), count)
+    return jax.random.bits(key, (n,), jnp.uint32)
+
+
 def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
-    """Round float32 `x` to `dtype` (bfloat16 or float16), unbiased.
+    """Round float32 `x` to `dtype` (bfloat16 or float16), unbiased, with PRNG `key`."""
+    return round_with_word(x, dtype, jax.random.bits(key, (), jnp.uint32))
+
+
+def round_with_word(x: jax.Array, dtype: Any, word: jax.Array) -> jax.Array:
+    """`stochastic_round` driven by a uint32 `word` instead of a PRNG key.
 
     bfloat16 is float32 with the low 16 bits dropped: adding 16 uniform random
     bits to the magnitude before truncating rounds up with probability equal
@@ -60,7 +86,7 @@ def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
     if dtype == jnp.bfloat16:
         bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-        noise = random_bits(key, x.shape) >> 16
+        noise = random_bits(word, x.shape) >> 16
         finite = jnp.isfinite(x)
         mask = jnp.uint32(0xFFFF0000)
         rounded = jnp.where(finite, (bits + noise) & mask, bits & mask)
@@ -77,16 +103,10 @@ def stochastic_round(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
         gap = other.astype(jnp.float32) - near32
         # Probability of taking `other`: the fraction of the gap x has covered.
         prob = jnp.where(gap != 0, (x - near32) / jnp.where(gap != 0, gap, 1), 0)
-        uniform = (random_bits(key, x.shape) >> 8).astype(jnp.float32) * (2.0**-24)
+        uniform = (random_bits(word, x.shape) >> 8).astype(jnp.float32) * (2.0**-24)
         take = uniform < prob
         return jnp.where(take & jnp.isfinite(x), other, nearest)
     raise ValueError(f"stochastic rounding supports bfloat16 and float16, got {dtype}.")
-
-
-def leaf_key(seed: int, stream: int, count: jax.Array, index: int) -> jax.Array:
-    """The key of one leaf at one step: a pure function of its four arguments."""
-    key = jax.random.fold_in(jax.random.key(seed), stream)
-    return jax.random.fold_in(jax.random.fold_in(key, count), index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +147,7 @@ class StochasticRounding:
     def write(self, value: jax.Array, stored: jax.Array, key: Any = None) -> jax.Array:
         if key is None:  # no randomness threaded through: round to nearest
             return value.astype(stored.dtype)
-        key = jax.random.fold_in(jax.random.fold_in(key, self.seed), self.stream)
-        return stochastic_round(value, stored.dtype, key)
+        return round_with_word(value, stored.dtype, mix(mix(key, self.seed), self.stream))
 
 
 class StochasticRoundUpdatesState(NamedTuple):
@@ -173,13 +192,14 @@ def stochastic_round_updates(seed: int = 0) -> optax.GradientTransformationExtra
         treedef = jax.tree.structure(updates, is_leaf=nx.is_none)
         leaves = treedef.flatten_up_to(updates)
         param_leaves = treedef.flatten_up_to(params)
+        words = leaf_words(seed, 2, count, max(len(leaves), 1))
         out = []
         for index, (u, p) in enumerate(zip(leaves, param_leaves, strict=True)):
             if u is None or p is None or jnp.dtype(p.dtype) not in _ROUNDABLE:
                 out.append(u)
                 continue
             target = p.astype(jnp.float32) + u.astype(jnp.float32)
-            rounded = stochastic_round(target, p.dtype, leaf_key(seed, 2, count, index))
+            rounded = round_with_word(target, p.dtype, words[index])
             delta = rounded.astype(jnp.float32) - p.astype(jnp.float32)
             out.append(delta.astype(u.dtype))
         return treedef.unflatten(out), StochasticRoundUpdatesState(count)

@@ -8,9 +8,9 @@ boundary with three pure methods:
 - `read(stored, dtype)`: the moment as an array of the compute dtype;
 - `write(value, stored, key=None)`: the new moment, in the same layout and
   dtype as `stored`, so that state dtypes never drift across steps. `key` is a
-  PRNG key for storages that round stochastically (`needs_key`); the
-  transforms derive it from (step, leaf index) with `leaf_keys`, and the
-  storage folds in its own seed and stream.
+  random uint32 word for storages that round stochastically (`needs_key`);
+  the transforms get one per (step, leaf index) from `leaf_keys`, and the
+  storage mixes in its own seed and stream.
 
 Storages: `FloatStorage` (a dtype), `StochasticRounding` (bf16/f16, unbiased
 rounding, `_rounding`) and `Quantized` (blockwise 8-bit codes, `_quantize`).
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jadam._numerics import compute_dtype, is_none
 from jadam._quantize import Quantized
-from jadam._rounding import StochasticRounding, leaf_key
+from jadam._rounding import StochasticRounding, leaf_words, mix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,16 +93,21 @@ def resolve_storage(name: str, spec: Any) -> Storage:
 
 
 def leaf_keys(updates: Any, count: jax.Array, *stores: Storage) -> Any:
-    """A tree shaped like `updates` with one PRNG key per leaf, or `None`s.
+    """A tree shaped like `updates` with one random uint32 word per leaf, or `None`s.
 
-    The key of leaf `i` at step `count` is a pure function of both (the
-    storage folds in its seed), so stochastic rounding is reproducible. When no
-    storage rounds stochastically every entry is `None` and nothing is traced.
+    The word of leaf `i` at step `count` is a pure function of both (the
+    storage mixes in its seed), so stochastic rounding is reproducible. One
+    threefry call draws the words of all leaves. When no storage rounds
+    stochastically every entry is `None` and nothing is traced.
     """
     treedef = jax.tree.structure(updates, is_leaf=is_none)
-    if not any(store.needs_key for store in stores):
-        return treedef.unflatten([None] * treedef.num_leaves)
     leaves = treedef.flatten_up_to(updates)
-    return treedef.unflatten(
-        [None if g is None else leaf_key(0, 0, count, i) for i, g in enumerate(leaves)]
-    )
+    if not any(store.needs_key for store in stores):
+        return treedef.unflatten([None] * len(leaves))
+    words = leaf_words(0, 0, count, max(len(leaves), 1))
+    return treedef.unflatten([None if g is None else words[i] for i, g in enumerate(leaves)])
+
+
+def fold_key(key: Any, salt: int) -> Any:
+    """A different word for a second moment stored at the same leaf (AMSGrad's max)."""
+    return None if key is None else mix(key, salt)

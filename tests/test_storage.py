@@ -44,7 +44,7 @@ def test_keys_depend_on_step_and_leaf_only():
     k1 = leaf_keys(updates, jnp.int32(5), store)
     k2 = leaf_keys(updates, jnp.int32(5), store)
     assert k1["b"] is None
-    data = lambda k: np.asarray(jax.random.key_data(k))
+    data = np.asarray
     np.testing.assert_array_equal(data(k1["a"]), data(k2["a"]))
     assert not np.array_equal(data(k1["a"]), data(k1["c"]))
     k3 = leaf_keys(updates, jnp.int32(6), store)
@@ -127,7 +127,10 @@ def test_stochastic_round_updates_applies_small_updates_in_expectation():
         plain = optax.apply_updates(plain, updates)
     assert plain["w"].dtype == jnp.bfloat16 and rounded["w"].dtype == jnp.bfloat16
     assert float(jnp.mean(plain["w"].astype(jnp.float32))) == 1.0
-    assert float(jnp.mean(rounded["w"].astype(jnp.float32))) == pytest.approx(1.01, abs=2e-4)
+    # Each element moves by bf16 ulps (2**-7) with probability u / ulp per step:
+    # the mean over 8192 elements has a standard error of ~1e-4; allow 4 of them.
+    expected = 1 + 100 * float(updates["w"][0])
+    assert float(jnp.mean(rounded["w"].astype(jnp.float32))) == pytest.approx(expected, abs=4e-4)
     assert rounded["f"].dtype == jnp.float32
     np.testing.assert_allclose(rounded["f"], 1.01, rtol=1e-5)
     assert int(state.count) == 100
