@@ -75,6 +75,18 @@ def _to_tree(x: Any, what: str) -> Any:
         if not x:
             raise ValueError(f"{what} is an empty tuple")
         return tuple(_to_tree(v, what + f"[{i}]") for i, v in enumerate(x))
+    if isinstance(x, jax.Array):
+        # Already on the device (e.g. placed once for many fit calls): keep it there and
+        # check it there; no host round trip for big data.
+        if x.dtype.kind not in "biuf":
+            raise ValueError(f"{what} must be numeric, got dtype {x.dtype}")
+        if x.ndim == 0:
+            raise ValueError(f"{what} must have a leading batch axis, got a scalar")
+        x = x.reshape(x.shape[0], 1) if x.ndim == 1 else x
+        x = x.astype(jnp.float32)
+        if not bool(_all_finite(x)):
+            raise ValueError(f"{what} contain NaN or infinite values")
+        return x
     a = np.asarray(x)
     if a.dtype.kind not in "biuf":
         raise ValueError(f"{what} must be numeric, got dtype {a.dtype}")
@@ -84,6 +96,9 @@ def _to_tree(x: Any, what: str) -> Any:
         a = a[:, None]  # a single feature per example
     check_finite(a, what)
     return a.astype(np.float32, copy=False)
+
+
+_all_finite = jax.jit(lambda a: jnp.isfinite(a).all())
 
 
 def _length(x: Any, what: str) -> int:

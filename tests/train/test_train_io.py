@@ -194,3 +194,32 @@ def test_corrupt_or_missing_export_is_refused(tmp_path):
     (tmp_path / "m.jaxexport").write_bytes(bytes(blob))
     with pytest.raises(CheckpointError, match="corrupt"):
         load_exported(tmp_path / "m.jaxexport")
+
+
+def test_nnx_model_round_trip(tmp_path):
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(5, 4, rngs=rngs)
+            self.b = nnx.Linear(4, 1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(nnx.relu(self.a(x)))
+
+    x, y = _data()
+    t = Trainer(Net(nnx.Rngs(0)), "adam", loss="binary_crossentropy")
+    t.fit(x, y, epochs=2, verbose=0)
+    t.save(tmp_path / "ck")
+    back = Trainer.load(tmp_path / "ck", model=Net(nnx.Rngs(1)))  # weights come from disk
+    np.testing.assert_array_equal(back.predict(x), t.predict(x))
+    t.export(tmp_path / "m.jaxexport")
+    np.testing.assert_allclose(load_exported(tmp_path / "m.jaxexport")(x), t.predict(x), atol=1e-6)
+
+
+def test_public_names():
+    import jadam
+
+    for name in ("MLP", "Trainer", "History", "datasets", "load_exported", "EarlyStopping",
+                 "ModelCheckpoint", "Combine", "CheckpointError"):  # fmt: skip
+        assert hasattr(jadam, name), name

@@ -405,3 +405,15 @@ def test_sparse_labels_out_of_range_and_categorical_shape():
 def test_unknown_names_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Trainer(MLP((4, 1)), **kwargs)
+
+
+def test_device_arrays_are_used_in_place_and_checked():
+    x, y = _toy()
+    trainer = Trainer(MLP((4, 1)), "adam", loss="binary_crossentropy")
+    h1 = trainer.fit(jnp.asarray(x), y, epochs=2, verbose=0)
+    ref = Trainer(MLP((4, 1)), "adam", loss="binary_crossentropy")
+    h2 = ref.fit(x, y, epochs=2, verbose=0)
+    assert h1.history == h2.history
+    np.testing.assert_array_equal(trainer.predict(jnp.asarray(x)), ref.predict(x))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        trainer.fit(jnp.asarray(x).at[0, 0].set(jnp.nan), y, verbose=0)
