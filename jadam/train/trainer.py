@@ -397,7 +397,10 @@ class Trainer:
         # before epoch e's numbers are pulled to the host: the host-side bookkeeping
         # (logs, history, progress) overlaps the device's work instead of idling it.
         pipelined = not callbacks and len(starts) == 1
-        pending = None
+        # Silent and no callbacks: nobody reads per-epoch numbers until fit returns, so
+        # they stay on the device and come back in ONE transfer at the end.
+        deferred = pipelined and verbose == 0
+        pending, queue = None, []
 
         def finish(item) -> None:
             epoch, flat, vflat, t0 = item
@@ -436,7 +439,9 @@ class Trainer:
                     vflat = self.programs.eval_chunk(self.state.params, self.rest, *vald)
                 item = (self.epochs_done, total, vflat, t0)
                 self.epochs_done += 1
-                if pipelined:
+                if deferred:
+                    queue.append(item)
+                elif pipelined:
                     if pending is not None:
                         finish(pending)
                     pending = item
@@ -446,6 +451,10 @@ class Trainer:
                         break
             if pending is not None:
                 finish(pending)
+            if queue:
+                host = jax.device_get([(it[1], it[2]) for it in queue])  # one host sync
+                for (epoch, _, _, t0), (flat, vflat) in zip(queue, host, strict=True):
+                    finish((epoch, flat, vflat, t0))
         finally:
             progress.close()
         for cb in callbacks:
