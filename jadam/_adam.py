@@ -33,6 +33,15 @@ class ScaleByAmsgradState(NamedTuple):
     nu_max: Any  # running maximum of the second moment (raw or corrected: see convention)
 
 
+def init_adam_state(params: Any, mu_store: Any, nu_store: Any) -> ScaleByAdamState:
+    """Zero count and zero moments, each stored as its storage says."""
+    return ScaleByAdamState(
+        count=jnp.zeros([], jnp.int32),
+        mu=jax.tree.map(mu_store.init, params),
+        nu=jax.tree.map(nu_store.init, params),
+    )
+
+
 def check_moment_args(b1: Any, b2: Any, eps: Any, eps_root: Any, convention: str) -> None:
     """Validate the hyperparameters every Adam-family transform shares."""
     nx.check_decay("b1", b1)
@@ -131,12 +140,10 @@ def scale_by_adam(
     nu_store = resolve_storage("nu_dtype", nu_dtype)
 
     def init_fn(params):
-        mu = jax.tree.map(mu_store.init, params)
-        nu = jax.tree.map(nu_store.init, params)
-        count = jnp.zeros([], jnp.int32)
+        state = init_adam_state(params, mu_store, nu_store)
         if amsgrad:
-            return ScaleByAmsgradState(count, mu, nu, jax.tree.map(nu_store.init, params))
-        return ScaleByAdamState(count, mu, nu)
+            return ScaleByAmsgradState(*state, jax.tree.map(nu_store.init, params))
+        return state
 
     def leaf_update(g, mu, nu, *nu_max, count, key=None):
         dtype = nx.compute_dtype(g.dtype)

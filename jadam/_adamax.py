@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import optax
 
 from jadam import _numerics as nx
-from jadam._adam import ScaleByAdamState, check_moment_args
+from jadam._adam import ScaleByAdamState, check_moment_args, init_adam_state
 from jadam._storage import leaf_keys, resolve_storage
 
 
@@ -49,11 +48,7 @@ def scale_by_adamax(
     nu_store = resolve_storage("nu_dtype", nu_dtype)
 
     def init_fn(params):
-        return ScaleByAdamState(
-            count=jnp.zeros([], jnp.int32),
-            mu=jax.tree.map(mu_store.init, params),
-            nu=jax.tree.map(nu_store.init, params),
-        )
+        return init_adam_state(params, mu_store, nu_store)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
