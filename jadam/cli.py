@@ -8,6 +8,16 @@
     jadam evaluate runs/mine --data other.csv    # a file with the same columns
     jadam predict runs/mine --input new.csv --output predictions.csv
 
+Several devices and processes (data parallel on JAX's SPMD; the batch is split over
+every device, so ``--batch-size`` must be a multiple of the device count):
+
+    jadam train ...                              # every device of one host: automatic
+    jadam train ... --zero1                      # + optimizer state split over devices
+    # N processes (hosts): the same command on each, with its own --process-id
+    jadam train ... --coordinator 10.0.0.1:1234 --num-processes N --process-id I
+    jadam train ... --distributed                # Cloud TPU pod / Slurm / Open MPI:
+                                                 # JAX detects the processes itself
+
 A run folder holds ``checkpoint/`` (``jadam.Trainer.load``), ``model.jaxexport`` (+
 ``.json``; ``jadam.load_exported``), ``history.json``, ``curves.png``, ``data.json``
 (feature names, standardization fitted on the training split, classes) and
@@ -59,6 +69,40 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run folder (default runs/<data>-<time>)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     t.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
+    d = t.add_argument_group(
+        "several devices and processes",
+        "With more than one device (all local GPUs/TPU cores, or every device of every "
+        "process after --coordinator/--distributed), training is data parallel: each batch "
+        "is split over the devices, parameters are replicated, gradients are all-reduced "
+        "by XLA; --batch-size must be a multiple of the device count and gives the same "
+        "training as on one device. Several processes run the same command with the same "
+        "data and --seed; process 0 prints and writes the run folder (--out must be on a "
+        "file system process 0 can write). "
+        "CPU (tests, loopback): jadam train ... --coordinator 127.0.0.1:1234 "
+        "--num-processes 2 --process-id 0 (and --process-id 1 in a second shell). "
+        "GPU cluster, one process per host seeing all its GPUs: jadam train ... "
+        "--coordinator HOST0:1234 --num-processes HOSTS --process-id RANK on each host "
+        "(NCCL; or one process per GPU with CUDA_VISIBLE_DEVICES set per process); under "
+        "Slurm or Open MPI (srun/mpirun) use --distributed instead. "
+        "TPU pod slice: run jadam train ... --distributed on every host, e.g. "
+        "gcloud compute tpus tpu-vm ssh NAME --worker=all --command='jadam train ... "
+        "--distributed'.",
+    )
+    d.add_argument(
+        "--coordinator", default=None, metavar="HOST:PORT",
+        help="address of process 0 (the same on every process); with --num-processes and "
+        "--process-id",
+    )  # fmt: skip
+    d.add_argument("--num-processes", type=int, default=None, help="how many processes in all")
+    d.add_argument("--process-id", type=int, default=None, help="this process: 0 .. N-1")
+    d.add_argument(
+        "--distributed", action="store_true",
+        help="join a multi-process run that JAX detects (Cloud TPU pod, Slurm, Open MPI)",
+    )  # fmt: skip
+    d.add_argument(
+        "--zero1", action="store_true",
+        help="split the optimizer state over the devices (ZeRO-1): each stores 1/N of it",
+    )  # fmt: skip
 
     e = sub.add_parser("evaluate", help="loss and metrics of a trained run on data")
     e.add_argument("run")
@@ -78,12 +122,41 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        _join_processes(parser, args)  # first: before anything touches a device
     try:
         return {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command](args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"jadam {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _join_processes(parser: argparse.ArgumentParser, args) -> None:
+    """``jax.distributed`` for --coordinator/--num-processes/--process-id or --distributed."""
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if args.distributed and any(v is not None for v in given):
+        parser.error("--distributed detects the processes itself: do not combine it with "
+                     "--coordinator, --num-processes or --process-id")  # fmt: skip
+    if not args.distributed and all(v is None for v in given):
+        return
+    from jadam._sharding import init_distributed
+
+    try:
+        if args.distributed:
+            init_distributed()
+        else:
+            init_distributed(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        msg = str(e)
+        for name, flag in (("coordinator_address", "--coordinator"),
+                           ("num_processes", "--num-processes"),
+                           ("process_id", "--process-id")):  # fmt: skip
+            msg = msg.replace(name, flag)
+        parser.error(msg)
+    except RuntimeError as e:
+        parser.error(f"cannot join the processes: {e}")
 
 
 def _optimizer_options(args) -> dict:
@@ -119,6 +192,14 @@ def _train(args) -> int:
     if os.path.exists(out) and not args.overwrite:
         raise ValueError(f"run folder {out} exists; choose another --out or pass --overwrite")
 
+    # One device: as always. Several (local, or of every process): data parallel.
+    mesh = None
+    if jax.device_count() > 1 or args.zero1:
+        from jadam._sharding import data_parallel_mesh
+
+        mesh = data_parallel_mesh()
+    main_process = jax.process_index() == 0  # prints and writes; all processes train
+
     # Everything is checked before any training step.
     ds = datasets.load(
         args.data, target=args.target, seed=args.seed,
@@ -128,18 +209,25 @@ def _train(args) -> int:
     trainer = Trainer(
         model, args.optimizer, loss=ds.loss, metrics=ds.metrics,
         optimizer_options=_optimizer_options(args), l2=args.l2, seed=args.seed,
+        mesh=mesh, zero1=args.zero1,
     )  # fmt: skip
     validation = (ds.x_val, ds.y_val) if len(ds.x_val) else None
-    if args.verbose:
+    verbose = args.verbose if main_process else 0
+    if verbose:
+        where = jax.default_backend()
+        if mesh is not None:
+            where += f" x {jax.device_count()} devices"
+            where += f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+            where += ", ZeRO-1" if args.zero1 else ""
         print(
             f"jadam train: {ds.name} ({len(ds.x_train)} train / {len(ds.x_val)} val / "
             f"{len(ds.x_test)} test), MLP {list(model.features)} {args.activation}, "
             f"{args.optimizer} lr={args.lr}, batch {args.batch_size}, {args.epochs} epochs, "
-            f"{jax.default_backend()}"
+            f"{where}"
         )
     history = trainer.fit(
         ds.x_train, ds.y_train, batch_size=args.batch_size, epochs=args.epochs,
-        validation_data=validation, verbose=args.verbose,
+        validation_data=validation, verbose=verbose,
     )  # fmt: skip
     test = trainer.evaluate(ds.x_test, ds.y_test)
     data_info = {
@@ -166,6 +254,9 @@ def _train(args) -> int:
         and not os.path.exists(os.path.join(out, "data.json"))
     ):
         raise ValueError(f"{out} exists and is not a jadam run folder; not overwriting it")
+    if not main_process:
+        trainer.save(os.path.join(out, "checkpoint"))  # its part of the collective save only
+        return 0
     atomic_dir(out, write)
     print("test " + " - test ".join(f"{k}: {v:.4f}" for k, v in test.items()))
     print(f"run folder: {out}")

@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jadam._sharding import to_host
+
 
 class Callback:
     """Hooks called by ``Trainer.fit``; ``self.trainer`` is set before training."""
@@ -80,7 +82,7 @@ class EarlyStopping(Callback):
         if self._better(v):
             self.best, self.best_epoch, self._wait = v, epoch, 0
             if self.restore_best_weights:
-                self._best_params = jax.device_get(self.trainer.params)
+                self._best_params = to_host(self.trainer.params)
         else:
             self._wait += 1
             if self._wait > self.patience:

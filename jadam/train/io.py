@@ -14,6 +14,12 @@ A checkpoint folder holds:
 
 Everything is written into a temporary sibling folder and renamed into place, so an
 interrupted save never leaves a half-written checkpoint.
+
+With several processes (``jax.distributed``), every process takes part in a save: a
+sharded state (ZeRO-1 moments) is gathered to whole arrays (a collective), process 0
+alone writes the folder (orbax restricted to process 0), and all processes meet at a
+barrier afterwards, so none returns before the checkpoint is complete. A checkpoint
+holds whole arrays, not shards: any mesh, or one device, restores any checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from jadam._sharding import to_host
 
 FORMAT = "jadam-checkpoint"
 EXPORT_FORMAT = "jadam-export"
@@ -76,15 +84,45 @@ def atomic_dir(final: str, write) -> None:
         raise
 
 
+def _checkpointer():
+    """orbax's checkpointer; with several processes, one that involves process 0 only
+    (the arrays it gets are whole NumPy arrays, identical on every process)."""
+    import orbax.checkpoint as ocp
+
+    if jax.process_count() == 1:
+        return ocp.PyTreeCheckpointer(use_compression=False)
+    me = jax.process_index()
+    mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False, multiprocessing_options=mp)
+    return ocp.Checkpointer(handler, multiprocessing_options=mp)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def save_trainer(trainer, directory: str) -> None:
     import orbax.checkpoint as ocp
 
+    items = _flat_state(to_host(trainer.state))  # a collective when the state is sharded
+    if jax.process_index() != 0:
+        _barrier("jadam save_trainer")  # process 0 writes; wait until it is done
+        return
+    try:
+        _write_checkpoint(trainer, directory, items, ocp)
+    finally:
+        _barrier("jadam save_trainer")
+
+
+def _write_checkpoint(trainer, directory: str, items, ocp) -> None:
     if os.path.isdir(directory) and os.listdir(directory):
         if not os.path.exists(os.path.join(directory, "manifest.json")):
             raise CheckpointError(
                 f"{directory} exists and is not a jadam checkpoint; refusing to overwrite it"
             )
-    items = _flat_state(jax.device_get(trainer.state))
     arrays = {f"a{i:04d}": np.asarray(leaf) for i, (_, leaf) in enumerate(items)}
     manifest = {
         "format": FORMAT,
@@ -126,7 +164,11 @@ def save_trainer(trainer, directory: str) -> None:
 
     def write(tmp: str) -> None:
         # No compression: array bytes are stored as is (and verified by the manifest).
-        ocp.PyTreeCheckpointer(use_compression=False).save(os.path.join(tmp, "state"), arrays)
+        ckptr = _checkpointer()
+        if jax.process_count() == 1:
+            ckptr.save(os.path.join(tmp, "state"), arrays)
+        else:
+            ckptr.save(os.path.join(tmp, "state"), args=ocp.args.PyTreeSave(arrays))
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -160,9 +202,7 @@ def read_config(directory: str) -> dict:
     return cfg
 
 
-def load_trainer(cls, directory: str, *, model=None, optimizer=None):
-    import orbax.checkpoint as ocp
-
+def load_trainer(cls, directory: str, *, model=None, optimizer=None, mesh=None, zero1=False):
     from jadam.train.history import History
     from jadam.train.models import model_from_config
     from jadam.train.trainer import _example
@@ -193,6 +233,8 @@ def load_trainer(cls, directory: str, *, model=None, optimizer=None):
             l2=cfg["l2"],
             seed=cfg["seed"],
             steps_per_call=cfg["steps_per_call"],
+            mesh=mesh,
+            zero1=zero1,
         )
         trainer.build(_example(cfg["input_spec"]))
         spec, out_shape = cfg["input_spec"], cfg["output_shape"]
@@ -203,7 +245,7 @@ def load_trainer(cls, directory: str, *, model=None, optimizer=None):
         raise CheckpointError("checkpoint does not match this model's inputs or outputs")
 
     # The model's own state gives the structure; the manifest must match it exactly.
-    target = jax.device_get(trainer.state)
+    target = to_host(trainer.state)
     items = _flat_state(target)
     if len(items) != len(entries):
         raise CheckpointError(
@@ -222,7 +264,7 @@ def load_trainer(cls, directory: str, *, model=None, optimizer=None):
     if not os.path.isdir(state_dir):
         raise CheckpointError(f"checkpoint arrays are missing: {state_dir}")
     try:
-        restored = ocp.PyTreeCheckpointer().restore(state_dir)
+        restored = _checkpointer().restore(state_dir)
     except Exception as e:  # orbax raises many types; all mean "unreadable"
         raise CheckpointError(f"checkpoint arrays in {state_dir} are unreadable: {e}") from None
     leaves = []
@@ -238,7 +280,7 @@ def load_trainer(cls, directory: str, *, model=None, optimizer=None):
         leaves.append(a)
     treedef = jax.tree.structure(target._asdict())  # the order _flat_state used
     state = type(target)(**jax.tree.unflatten(treedef, leaves))
-    trainer.state = jax.device_put(state)
+    trainer.state = trainer.programs.place_state(state)
     trainer.np_rng.bit_generator.state = cfg["numpy_rng"]
     trainer.epochs_done = int(cfg["epochs_done"])
     hist_path = os.path.join(directory, "history.json")
@@ -262,7 +304,9 @@ def _abstract(spec: Any, b) -> Any:
 def export_trainer(trainer, path: str, platforms=None, metadata: dict | None = None) -> None:
     from jax import export
 
-    params, rest = trainer.state.params, trainer.rest
+    # Whole host copies: the exported function closes over constants, never over
+    # arrays placed on a mesh (or on another process's devices).
+    params, rest = to_host((trainer.state.params, trainer.rest))
     adapter, link = trainer.adapter, trainer.loss.link
 
     def infer(x):

@@ -14,6 +14,14 @@ count every real example exactly once (no data dropped).
 The train state is donated: XLA updates parameters and optimizer state in place
 instead of page-faulting fresh buffers every call. All loss and metric sums come back
 as ONE flat float32 vector per call: the only device-to-host transfer.
+
+On a mesh (``Programs(..., mesh=mesh)``) the same functions are jitted with shardings
+(data parallel, on JAX's own SPMD): the data arrays and parameters are replicated,
+the ``(steps, batch)`` index arrays are split along the batch over the mesh's
+``"data"`` axis, so each device gathers and differentiates only its rows, and XLA
+all-reduces the gradients. With ``zero1=True`` each moment of the optimizer state is
+also split over the data axis (ZeRO-1: each device stores 1/N of it). The metric
+vector comes back replicated. A one-device mesh runs the same program as N devices.
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
+from jadam._sharding import batch_sharding, replicated, shard_batch, state_shardings
 from jadam.train.losses import Loss, Metric, weight_penalty
 from jadam.train.models import ModelAdapter
 
@@ -60,6 +70,14 @@ def train_plan(
     return idx, rem
 
 
+def place(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """``x`` (the same value on every process) as a global array with ``sharding``."""
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding, may_alias=False)
+    host = np.asarray(x)  # each process builds only its own devices' shards
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def _take(x: Any, rows: jax.Array) -> Any:
     # mode="clip": indices are in range by construction; no out-of-bounds fill select.
     return jax.tree.map(lambda a: jnp.take(a, rows, axis=0, mode="clip"), x)
@@ -80,15 +98,89 @@ class Programs:
         metrics: list[Metric],
         l1: float = 0.0,
         l2: float = 0.0,
+        *,
+        mesh: Mesh | None = None,
+        zero1: bool = False,
     ):
         self.adapter, self.tx, self.loss, self.metrics = adapter, tx, loss, metrics
         self.l1, self.l2 = float(l1), float(l2)
+        self.mesh, self.zero1 = mesh, bool(zero1)
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self._layout = None
-        self.train_chunk = jax.jit(self._train_chunk, donate_argnums=(0,))
-        self.eval_chunk = jax.jit(self._eval_chunk)
-        self.predict_chunk = jax.jit(self._predict_chunk)
-        self.init_state = jax.jit(self._init_state)
+        self.state_sharding: Any = None  # set by `bind` on a mesh
+        if mesh is None:
+            self.train_chunk = jax.jit(self._train_chunk, donate_argnums=(0,))
+            self.eval_chunk = jax.jit(self._eval_chunk)
+            self.predict_chunk = jax.jit(self._predict_chunk)
+            self.init_state = jax.jit(self._init_state)
+        else:
+            if "data" not in mesh.shape:
+                raise ValueError(
+                    "the mesh needs a 'data' axis to split batches over, got axes "
+                    f"{mesh.axis_names} (jadam.data_parallel_mesh() makes one)"
+                )
+            # The state's shardings depend on the parameters' shapes: `bind` jits then.
+            self.train_chunk = self.eval_chunk = self.predict_chunk = self.init_state = None
+
+    @property
+    def n_shards(self) -> int:
+        """How many ways a batch is split: the size of the mesh's data axis (1 off a mesh)."""
+        return 1 if self.mesh is None else int(self.mesh.shape["data"])
+
+    def bind(self, params: Any) -> None:
+        """On a mesh: jit the programs with the shardings of a state for ``params``."""
+        if self.mesh is None or self.state_sharding is not None:
+            return
+        rep = replicated(self.mesh)
+        idx = batch_sharding(self.mesh, "data", batch_dim=1)  # (steps, batch) indices
+        opt = state_shardings(self.tx, params, rep, zero1_axis="data" if self.zero1 else None)
+        self.state_sharding = state_sh = TrainState(rep, opt, rep, rep)
+        # The last partial batch (``rem``) is placed by `place_rem` (split when its size
+        # allows, else replicated); None lets jit take that placement as it is.
+        self.train_chunk = jax.jit(
+            self._train_chunk, donate_argnums=(0,),
+            in_shardings=(state_sh, rep, rep, rep, idx, None), out_shardings=(state_sh, rep),
+        )  # fmt: skip
+        self.eval_chunk = jax.jit(
+            self._eval_chunk, in_shardings=(rep, rep, rep, rep, idx, idx), out_shardings=rep
+        )
+        self.predict_chunk = jax.jit(
+            self._predict_chunk, in_shardings=(rep, rep, rep, idx), out_shardings=rep
+        )
+        self.init_state = jax.jit(self._init_state, in_shardings=(rep, rep), out_shardings=state_sh)
+
+    # ---- placing host data (every process passes the same global values)
+
+    def replicate(self, tree: Any) -> Any:
+        """Host arrays to the device(s): one device off a mesh, every device on one."""
+        if self.mesh is None:
+            return jax.device_put(tree)
+        return jax.tree.map(lambda a: place(a, replicated(self.mesh)), tree)
+
+    def place_indices(self, tree: Any) -> Any:
+        """``(steps, batch)`` index/weight arrays: split along the batch on a mesh."""
+        if self.mesh is None:
+            return tree  # NumPy: jit transfers it with the call
+        return shard_batch(tree, self.mesh, "data", batch_dim=1)
+
+    def place_rem(self, rem: np.ndarray | None) -> Any:
+        """The last partial batch's indices: split over the data axis when its size
+        allows, else replicated (each device then runs that one small step whole)."""
+        if self.mesh is None or rem is None:
+            return rem
+        if len(rem) % self.n_shards == 0:
+            return shard_batch(rem, self.mesh, "data")
+        return place(rem, replicated(self.mesh))
+
+    def place_state(self, state: TrainState) -> TrainState:
+        """A host train state (e.g. a restored checkpoint) onto the device(s)."""
+        if self.mesh is None:
+            return jax.device_put(state)
+        self.bind(state.params)
+        # The shardings are a prefix of the state (one for all parameters, ...).
+        return jax.tree.map(
+            lambda sh, sub: jax.tree.map(lambda a: place(a, sh), sub), self.state_sharding, state
+        )
 
     # names of the numbers reported, in order ("loss" first)
     @property

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jadam._sharding import bytes_per_device, to_host
 from jadam.train import io as _io
 from jadam.train.callbacks import Callback
 from jadam.train.datasets import check_finite
@@ -137,6 +138,20 @@ class Trainer:
       seed: seeds parameter initialization and the shuffling of every epoch.
       steps_per_call: run a long epoch as chunks of this many steps (one compiled
         call each); ``None`` runs the whole epoch as one call.
+      mesh: a ``jax.sharding.Mesh`` with a ``"data"`` axis (``jadam.data_parallel_mesh()``
+        spans every device of every process) to train data parallel: each batch is
+        split over the data axis, parameters are replicated, XLA all-reduces the
+        gradients. ``fit``'s ``batch_size`` must then be a multiple of the data axis
+        size (the global batch: the same numbers as on one device, up to float32
+        summation order); ``evaluate``/``predict`` round theirs up (padded rows weigh
+        0). ``None`` (default): one device, as without sharding.
+      zero1: on a mesh, also split the optimizer state's moments over the data axis
+        (ZeRO-1): each device stores 1/N of them; parameters come out the same.
+
+    Several processes (hosts): call ``jadam.init_distributed(...)`` first in each, then
+    run the same script with the same data and seed and
+    ``mesh=jadam.data_parallel_mesh()``. Every process must call ``fit``, ``evaluate``,
+    ``predict`` and ``save`` alike (they are collective); ``save`` writes from process 0.
     """
 
     def __init__(
@@ -151,7 +166,13 @@ class Trainer:
         l2: float = 0.0,
         seed: int = 0,
         steps_per_call: int | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        zero1: bool = False,
     ):
+        if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+        if zero1 and mesh is None:
+            raise ValueError("zero1=True shards the optimizer state over a mesh: pass mesh= too")
         self.loss = get_loss(loss)
         if isinstance(metrics, str):
             metrics = (metrics,)
@@ -180,7 +201,10 @@ class Trainer:
         self.adapter = ModelAdapter(model)
         self.l1, self.l2, self.seed = float(l1), float(l2), int(seed)
         self.steps_per_call = None if steps_per_call is None else int(steps_per_call)
-        self.programs = Programs(self.adapter, self.tx, self.loss, self.metric_objs, l1, l2)
+        self.mesh, self.zero1 = mesh, bool(zero1)
+        self.programs = Programs(
+            self.adapter, self.tx, self.loss, self.metric_objs, l1, l2, mesh=mesh, zero1=zero1
+        )
         self.np_rng = np.random.default_rng(self.seed)  # shuffling: NumPy, on the host
         self.state: TrainState | None = None
         self.rest: Any = None
@@ -206,9 +230,12 @@ class Trainer:
         key = jax.random.key(self.seed)
         sample = jax.tree.map(lambda a: jnp.asarray(a[:1]), x)
         params, rest = self.adapter.init(key, sample)
-        self.rest = rest
         self.input_spec = _spec(x)
         rng = jax.random.key_data(jax.random.fold_in(key, 1)).astype(jnp.uint32)
+        if self.mesh is not None:  # every process made the same values from the same seed
+            params, rest, rng = self.programs.replicate((params, rest, rng))
+            self.programs.bind(params)
+        self.rest = rest
         self.state = self.programs.init_state(params, rng)
         out = jax.eval_shape(lambda p, r, s: self.adapter.apply(p, r, s), params, rest, sample)
         self.output_shape = tuple(out.shape[1:])
@@ -238,6 +265,8 @@ class Trainer:
         )  # fmt: skip
         if any(v is None for v in jax.tree.leaves(new, is_leaf=lambda v: v is None)):
             raise ValueError("set_params: parameter shapes differ from the model's")
+        if self.mesh is not None:
+            new = self.programs.replicate(to_host(new))
         self.state = self.state._replace(params=new)
 
     @property
@@ -249,7 +278,7 @@ class Trainer:
 
     @property
     def step(self) -> int:
-        return 0 if not self.built else int(self.state.step)
+        return 0 if not self.built else int(to_host(self.state.step))
 
     def _need_built(self) -> None:
         if not self.built:
@@ -329,6 +358,15 @@ class Trainer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return int(batch_size)
 
+    def _shards(self) -> int:
+        return self.programs.n_shards
+
+    def _eval_batch_size(self, batch_size: Any) -> int:
+        """Evaluation/prediction batch: rounded up to a multiple of the data axis size
+        (the padded rows weigh 0 and are cut from predictions: results do not change)."""
+        batch_size, k = self._check_batch_size(batch_size), self._shards()
+        return -(-batch_size // k) * k
+
     # ------------------------------------------------------------------ fit
 
     def fit(
@@ -358,6 +396,13 @@ class Trainer:
                 raise TypeError(
                     f"callbacks must be jadam Callback objects, got {type(cb).__name__}"
                 )
+        k = self._shards()
+        if batch_size % k:
+            raise ValueError(
+                f"batch_size={batch_size} must be a multiple of the {k} devices of the mesh's "
+                f"data axis (each device takes batch_size / {k} rows); try "
+                f"batch_size={max(k, batch_size // k * k)}"
+            )
         x, y, n = self._prepare(x, y)
         val = None
         if validation_split:
@@ -373,15 +418,14 @@ class Trainer:
             val = self._prepare(validation_data[0], validation_data[1], "validation ")
 
         # The data go to the device once for the whole fit.
-        xd, yd = jax.device_put(x), jax.device_put(y)
+        # On a mesh: replicated on every device; only the index arrays are split.
+        xd, yd = self.programs.replicate((x, y))
         vald = None
         if val is not None:
             vx, vy, vn = val
-            vald = (
-                jax.device_put(vx),
-                jax.device_put(vy),
-                *map(jax.device_put, batch_plan(vn, batch_size)),
-            )
+            plan = batch_plan(vn, batch_size)  # placed once, reused every epoch
+            plan = jax.device_put(plan) if self.mesh is None else self.programs.place_indices(plan)
+            vald = (*self.programs.replicate((vx, vy)), *plan)
 
         full = n // batch_size  # full batches; a partial one (if any) rides with the last chunk
         spc = self.steps_per_call or max(full, 1)
@@ -404,9 +448,9 @@ class Trainer:
 
         def finish(item) -> None:
             epoch, flat, vflat, t0 = item
-            logs = self._logs(np.asarray(flat))  # host sync point: once per call
+            logs = self._logs(to_host(flat))  # host sync point: once per call
             if vflat is not None:
-                vlogs = self._logs(np.asarray(vflat))
+                vlogs = self._logs(to_host(vflat))
                 logs.update({"val_" + k: v for k, v in vlogs.items()})
             history.append(epoch, logs)
             self.history.append(epoch, logs)
@@ -425,10 +469,11 @@ class Trainer:
                     # A chunk is one compiled call; only the chunk's indices cross over.
                     self.state, flat = self.programs.train_chunk(
                         self.state, self.rest, xd, yd,
-                        idx[start : start + spc], rem if last else None,
+                        self.programs.place_indices(idx[start : start + spc]),
+                        self.programs.place_rem(rem if last else None),
                     )  # fmt: skip
                     if len(starts) > 1:
-                        flat = np.asarray(flat)  # host sync point: once per call
+                        flat = to_host(flat)  # host sync point: once per call
                         total = flat if total is None else total + flat
                         done = min(start + spc, full) + (rem is not None and last)
                         progress.chunk(done / steps, self._logs(total))
@@ -452,7 +497,7 @@ class Trainer:
             if pending is not None:
                 finish(pending)
             if queue:
-                host = jax.device_get([(it[1], it[2]) for it in queue])  # one host sync
+                host = to_host([(it[1], it[2]) for it in queue])  # one host sync
                 for (epoch, _, _, t0), (flat, vflat) in zip(queue, host, strict=True):
                     finish((epoch, flat, vflat, t0))
         finally:
@@ -467,32 +512,34 @@ class Trainer:
     # ------------------------------------------------------------------ evaluate / predict
 
     def _evaluate_placed(self, params, x, y, idx, w) -> dict[str, float]:
+        idx, w = self.programs.place_indices((idx, w))
         flat = self.programs.eval_chunk(params, self.rest, x, y, idx, w)
-        return self._logs(np.asarray(flat))
+        return self._logs(to_host(flat))
 
     def evaluate(self, x: Any, y: Any, batch_size: int = 256, verbose: int = 0) -> dict[str, float]:
         """Loss and metrics over all of ``(x, y)`` (weighted: the last partial batch counts)."""
-        batch_size = self._check_batch_size(batch_size)
+        batch_size = self._eval_batch_size(batch_size)
         self._need_built()
         x, y, n = self._prepare(x, y)
         idx, w = batch_plan(n, batch_size)
-        logs = self._evaluate_placed(
-            self.state.params, jax.device_put(x), jax.device_put(y), idx, w
-        )
+        logs = self._evaluate_placed(self.state.params, *self.programs.replicate((x, y)), idx, w)
         if verbose:
             print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
         return logs
 
     def predict(self, x: Any, batch_size: int = 256) -> np.ndarray:
         """Outputs for ``x``: probabilities for classification losses, values for regression."""
-        batch_size = self._check_batch_size(batch_size)
+        batch_size = self._eval_batch_size(batch_size)
         self._need_built()
         x = _to_tree(x, "x")
         n = _length(x, "x")
         self._check_inputs(x, "x")
         idx, _ = batch_plan(n, batch_size)
-        out = self.programs.predict_chunk(self.state.params, self.rest, jax.device_put(x), idx)
-        return np.asarray(out)[:n]
+        out = self.programs.predict_chunk(
+            self.state.params, self.rest, self.programs.replicate(x),
+            self.programs.place_indices(idx),
+        )  # fmt: skip
+        return to_host(out)[:n]
 
     # ------------------------------------------------------------------ summary
 
@@ -506,10 +553,19 @@ class Trainer:
         p_bytes = sum(a.nbytes for a in leaves)
         o_bytes = sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(self.state.opt_state))
         opt = self.optimizer_config["name"] or "custom optax transformation"
+        placement = ""
+        if self.mesh is not None:
+            # Measured from this process's shards: with zero1 each device holds ~1/N.
+            per_dev = max(bytes_per_device(self.state.opt_state).values(), default=0)
+            how = "ZeRO-1 sharded" if self.zero1 else "replicated"
+            placement = (
+                f"; per device: {per_dev:,} bytes ({_fmt_bytes(per_dev)}), {how} over "
+                f"{self.mesh.size} device(s)"
+            )
         text = (
             f"{table}\n"
             f"Total params: {n_params:,} ({_fmt_bytes(p_bytes)})\n"
-            f"Optimizer: {opt}; state: {o_bytes:,} bytes ({_fmt_bytes(o_bytes)})\n"
+            f"Optimizer: {opt}; state: {o_bytes:,} bytes ({_fmt_bytes(o_bytes)}){placement}\n"
             f"Loss: {self.loss.name}; metrics: {[m.name for m in self.metric_objs]}"
         )
         if print_fn is not None:
@@ -522,7 +578,9 @@ class Trainer:
         """Checkpoint: parameters, optimizer state, step, RNGs and the model's config.
 
         Written to a temporary folder, then renamed: an interrupted save leaves the old
-        checkpoint (or nothing), never a half-written one.
+        checkpoint (or nothing), never a half-written one. With several processes every
+        process must call it (a sharded state is gathered, a collective); process 0
+        writes the folder, the others return once it is complete.
         """
         self._need_built()
         _io.save_trainer(self, os.fspath(directory))
@@ -531,11 +589,18 @@ class Trainer:
     def load(
         cls, directory: str | os.PathLike, *, model: Any = None,
         optimizer: optax.GradientTransformation | None = None,
+        mesh: jax.sharding.Mesh | None = None, zero1: bool = False,
     ) -> Trainer:  # fmt: skip
         """Rebuild a trainer from ``save``. jadam's models rebuild from the stored JSON
         config; a model of your own (or an optimizer given as an optax object) is passed
-        in. Checksums and shapes are verified; nothing in the folder is executed."""
-        return _io.load_trainer(cls, os.fspath(directory), model=model, optimizer=optimizer)
+        in. Checksums and shapes are verified; nothing in the folder is executed.
+
+        ``mesh``/``zero1`` place the restored state as ``Trainer(mesh=, zero1=)`` would
+        (a checkpoint holds whole arrays: any mesh can load any checkpoint). With several
+        processes each one reads the folder (a shared file system, or a copy per host)."""
+        return _io.load_trainer(
+            cls, os.fspath(directory), model=model, optimizer=optimizer, mesh=mesh, zero1=zero1
+        )
 
     def export(
         self, path: str | os.PathLike, platforms: Sequence[str] | None = None,
