@@ -199,7 +199,9 @@ def test_two_jadam_train_processes_match_one(tmp_path):
 
     def argv(pid, address):
         dist = ["--coordinator", address, "--num-processes", "2", "--process-id", str(pid)]
-        return [sys.executable, "-m", "jadam.cli", "train", *common, "--out", "two", *dist]
+        # --zero1: the moments live split across the two processes; saving gathers them.
+        return [sys.executable, "-m", "jadam.cli", "train", *common, "--out", "two", *dist,
+                "--zero1"]  # fmt: skip
 
     two = procs.run_processes(argv, n=2, cwd=tmp_path, env=env, timeout=150)
     assert [code for code, _ in two] == [0, 0], two
@@ -209,7 +211,7 @@ def test_two_jadam_train_processes_match_one(tmp_path):
     )  # fmt: skip
     assert one.returncode == 0, one.stderr
     # Process 0 printed and wrote the run folder; process 1 only trained.
-    assert "cpu x 2 devices in 2 processes" in two[0][1] and "Epoch 3/3" in two[0][1]
+    assert "cpu x 2 devices in 2 processes, ZeRO-1" in two[0][1] and "Epoch 3/3" in two[0][1]
     assert "Epoch" not in two[1][1] and "run folder" not in two[1][1]
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
@@ -223,7 +225,7 @@ def test_two_jadam_train_processes_match_one(tmp_path):
     a = jadam.Trainer.load(tmp_path / "one" / "checkpoint")
     b = jadam.Trainer.load(tmp_path / "two" / "checkpoint")
     assert a.step == b.step > 0
-    for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+    for u, v in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=TOL)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
