@@ -74,6 +74,10 @@ def place(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
     """``x`` (the same value on every process) as a global array with ``sharding``."""
     if jax.process_count() == 1:
         return jax.device_put(x, sharding, may_alias=False)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        # A typed PRNG key (e.g. in an NNX model's Rngs): place its raw data, rewrap it.
+        data = place(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
     host = np.asarray(x)  # each process builds only its own devices' shards
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
