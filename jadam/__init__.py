@@ -1,6 +1,9 @@
 """jadam: the Adam family as pure, optax-compatible gradient transformations.
 
-Everything public is re-exported here; the modules behind it are private.
+Everything public is re-exported here; the modules behind it are private:
+the math (`_numerics`, `_storage`, `_quantize`, `_rounding`, `_adam`, `_adamax`,
+`_nadam`, `_radam`, `_aliases`, `_fused`), scale-out (`_sharding`) and the
+trainer (`jadam.train`, which uses the math only through these names).
 """
 
 from jadam._adam import ScaleByAdamState as ScaleByAdamState
@@ -15,12 +18,19 @@ from jadam._aliases import amsgrad as amsgrad
 from jadam._aliases import nadam as nadam
 from jadam._aliases import nadamw as nadamw
 from jadam._aliases import radam as radam
+from jadam._fused import FlatLayout as FlatLayout
+from jadam._fused import FlatState as FlatState
+from jadam._fused import flat as flat
+from jadam._fused import flat_layout as flat_layout
 from jadam._nadam import ScaleByNadamState as ScaleByNadamState
 from jadam._nadam import scale_by_nadam as scale_by_nadam
 from jadam._numerics import CONVENTIONS as CONVENTIONS
+from jadam._quantize import Quantized as Quantized
+from jadam._quantize import QuantizedMoment as QuantizedMoment
 from jadam._radam import scale_by_radam as scale_by_radam
-
-# --- scale-out (issue 5) ---
+from jadam._rounding import StochasticRounding as StochasticRounding
+from jadam._rounding import stochastic_round as stochastic_round
+from jadam._rounding import stochastic_round_updates as stochastic_round_updates
 from jadam._sharding import batch_sharding as batch_sharding
 from jadam._sharding import bytes_per_device as bytes_per_device
 from jadam._sharding import data_parallel_mesh as data_parallel_mesh
@@ -32,22 +42,6 @@ from jadam._sharding import shard_batch as shard_batch
 from jadam._sharding import shard_local_batch as shard_local_batch
 from jadam._sharding import state_shardings as state_shardings
 from jadam._sharding import to_host as to_host
-
-# --- memory and speed (issue 4) ---
-# isort: split
-from jadam._fused import FlatLayout as FlatLayout
-from jadam._fused import FlatState as FlatState
-from jadam._fused import flat as flat
-from jadam._fused import flat_layout as flat_layout
-from jadam._quantize import Quantized as Quantized
-from jadam._quantize import QuantizedMoment as QuantizedMoment
-from jadam._rounding import StochasticRounding as StochasticRounding
-from jadam._rounding import stochastic_round as stochastic_round
-from jadam._rounding import stochastic_round_updates as stochastic_round_updates
-
-__version__ = "0.1.0"
-
-# --- trainer (issue 3) ---
 from jadam.train import datasets as datasets
 from jadam.train.callbacks import Callback as Callback
 from jadam.train.callbacks import EarlyStopping as EarlyStopping
@@ -58,3 +52,5 @@ from jadam.train.io import load_exported as load_exported
 from jadam.train.models import MLP as MLP
 from jadam.train.models import Combine as Combine
 from jadam.train.trainer import Trainer as Trainer
+
+__version__ = "0.1.0"

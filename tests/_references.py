@@ -101,8 +101,9 @@ def _hp(opt: str, hp: dict[str, Any]) -> dict[str, Any]:
     for name in ("learning_rate", "b1", "b2", "eps"):
         if name not in hp:
             raise TypeError(f"{opt}: pass {name} explicitly (defaults differ by framework)")
-    out = dict(eps_root=0.0, l2=0.0, weight_decay=0.0, mask=None, momentum_decay=None,
-               threshold=5.0)
+    out = dict(
+        eps_root=0.0, l2=0.0, weight_decay=0.0, mask=None, momentum_decay=None, threshold=5.0
+    )
     out.update(hp)
     return out
 
@@ -112,8 +113,22 @@ def _hp(opt: str, hp: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
-def numpy_adam(params, grad_fn, steps, *, convention, amsgrad, learning_rate, b1, b2, eps,
-               eps_root, l2, weight_decay, mask):
+def numpy_adam(
+    params,
+    grad_fn,
+    steps,
+    *,
+    convention,
+    amsgrad,
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    eps_root,
+    l2,
+    weight_decay,
+    mask,
+):
     """Adam (Kingma & Ba 2014, arXiv:1412.6980), AMSGrad (Reddi et al. 2018) and AdamW
     (Loshchilov & Hutter 2017, arXiv:1711.05101).
 
@@ -176,18 +191,19 @@ def numpy_adam(params, grad_fn, steps, *, convention, amsgrad, learning_rate, b1
     return _stack(traj)
 
 
-def numpy_adamax(params, grad_fn, steps, *, convention, learning_rate, b1, b2, eps, l2,
-                 weight_decay, mask):
+def numpy_adamax(
+    params, grad_fn, steps, *, convention, learning_rate, b1, b2, eps, l2, weight_decay, mask
+):
     """Adamax (Kingma & Ba 2014, section 7.1), and AdamaxW (decoupled decay).
 
-        g <- g + l2 p
-        m <- b1 m + (1 - b1) g
-        optax, pytorch: u <- max(b2 u, |g| + eps)       (eps inside the max)
-                        d = m / (1 - b1^t) / u
-        keras:          u <- max(b2 u, |g|)
-                        d = m / ((1 - b1^t) (u + eps))  (eps added to u)
-        decay: optax p <- p - lr (d + wd p); pytorch p <- p (1 - lr wd) then p - lr d;
-               keras p <- p - p wd lr then p - lr d.
+    g <- g + l2 p
+    m <- b1 m + (1 - b1) g
+    optax, pytorch: u <- max(b2 u, |g| + eps)       (eps inside the max)
+                    d = m / (1 - b1^t) / u
+    keras:          u <- max(b2 u, |g|)
+                    d = m / ((1 - b1^t) (u + eps))  (eps added to u)
+    decay: optax p <- p - lr (d + wd p); pytorch p <- p (1 - lr wd) then p - lr d;
+           keras p <- p - p wd lr then p - lr d.
     """
     p = [np.array(x, dtype=np.float64) for x in params]
     m = [np.zeros_like(x) for x in p]
@@ -218,20 +234,34 @@ def numpy_adamax(params, grad_fn, steps, *, convention, learning_rate, b1, b2, e
     return _stack(traj)
 
 
-def numpy_nadam(params, grad_fn, steps, *, convention, learning_rate, b1, b2, eps, eps_root,
-                l2, weight_decay, mask, momentum_decay):
+def numpy_nadam(
+    params,
+    grad_fn,
+    steps,
+    *,
+    convention,
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    eps_root,
+    l2,
+    weight_decay,
+    mask,
+    momentum_decay,
+):
     """NAdam (Dozat 2016, "Incorporating Nesterov Momentum into Adam"), NAdamW.
 
-        g <- g + l2 p;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
-        optax (constant momentum, optax.adam(nesterov=True)):
-            m_hat = b1 m / (1 - b1^(t+1)) + (1 - b1) g / (1 - b1^t)
-            d = m_hat / (sqrt(v / (1 - b2^t) + eps_root) + eps);  p <- p - lr (d + wd p)
-        pytorch, keras (Dozat's momentum schedule, psi = momentum_decay):
-            mu_t = b1 (1 - 0.5 * 0.96^(t psi)),  P_t = mu_1 ... mu_t
-            m_hat = mu_{t+1} m / (1 - P_t mu_{t+1}) + (1 - mu_t) g / (1 - P_t)
-            p <- p (1 - lr wd) [pytorch] or p - p wd lr [keras]
-            p <- p - lr m_hat / (sqrt(v / (1 - b2^t)) + eps)
-            psi defaults to 0.004 (torch) and is 1 for keras (0.96^t).
+    g <- g + l2 p;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+    optax (constant momentum, optax.adam(nesterov=True)):
+        m_hat = b1 m / (1 - b1^(t+1)) + (1 - b1) g / (1 - b1^t)
+        d = m_hat / (sqrt(v / (1 - b2^t) + eps_root) + eps);  p <- p - lr (d + wd p)
+    pytorch, keras (Dozat's momentum schedule, psi = momentum_decay):
+        mu_t = b1 (1 - 0.5 * 0.96^(t psi)),  P_t = mu_1 ... mu_t
+        m_hat = mu_{t+1} m / (1 - P_t mu_{t+1}) + (1 - mu_t) g / (1 - P_t)
+        p <- p (1 - lr wd) [pytorch] or p - p wd lr [keras]
+        p <- p - lr m_hat / (sqrt(v / (1 - b2^t)) + eps)
+        psi defaults to 0.004 (torch) and is 1 for keras (0.96^t).
     """
     if convention == "optax" and momentum_decay is not None:
         raise NoCounterpart("optax's NAdam has a constant momentum (no momentum_decay)")
@@ -239,7 +269,8 @@ def numpy_nadam(params, grad_fn, steps, *, convention, learning_rate, b1, b2, ep
         raise NoCounterpart(f"{convention} NAdam has no eps_root")
     if momentum_decay is None:
         momentum_decay = {"pytorch": TORCH_MOMENTUM_DECAY, "keras": KERAS_MOMENTUM_DECAY}.get(
-            convention)
+            convention
+        )
     p = [np.array(x, dtype=np.float64) for x in params]
     m = [np.zeros_like(x) for x in p]
     v = [np.zeros_like(x) for x in p]
@@ -263,8 +294,9 @@ def numpy_nadam(params, grad_fn, steps, *, convention, learning_rate, b1, b2, ep
                 d = m_hat / (np.sqrt(v_hat + eps_root) + eps)
                 p[i] = p[i] - lr * (d + wd * p[i])
             elif convention in ("pytorch", "keras"):
-                m_hat = (mu_next * m[i] / (1 - mu_product * mu_next)
-                         + (1 - mu_t) * g / (1 - mu_product))
+                m_hat = mu_next * m[i] / (1 - mu_product * mu_next) + (1 - mu_t) * g / (
+                    1 - mu_product
+                )
                 if convention == "pytorch":
                     p[i] = p[i] * (1 - lr * wd)
                 else:
@@ -276,18 +308,19 @@ def numpy_nadam(params, grad_fn, steps, *, convention, learning_rate, b1, b2, ep
     return _stack(traj)
 
 
-def numpy_radam(params, grad_fn, steps, *, convention, learning_rate, b1, b2, eps, eps_root,
-                l2, threshold):
+def numpy_radam(
+    params, grad_fn, steps, *, convention, learning_rate, b1, b2, eps, eps_root, l2, threshold
+):
     """RAdam (Liu et al. 2019, arXiv:1908.03265).
 
-        g <- g + l2 p;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
-        rho_inf = 2 / (1 - b2) - 1,   rho_t = rho_inf - 2 t b2^t / (1 - b2^t)
-        r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
-        m_hat = m / (1 - b1^t)
-        optax:   if rho_t >= threshold: d = r_t m_hat / (sqrt(v / (1 - b2^t) + eps_root) + eps)
-        pytorch: if rho_t >  threshold: d = r_t m_hat sqrt(1 - b2^t) / (sqrt(v) + eps)
-                 (eps added to the square root of the raw v)
-        otherwise d = m_hat (SGD with momentum);  p <- p - lr d
+    g <- g + l2 p;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+    rho_inf = 2 / (1 - b2) - 1,   rho_t = rho_inf - 2 t b2^t / (1 - b2^t)
+    r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+    m_hat = m / (1 - b1^t)
+    optax:   if rho_t >= threshold: d = r_t m_hat / (sqrt(v / (1 - b2^t) + eps_root) + eps)
+    pytorch: if rho_t >  threshold: d = r_t m_hat sqrt(1 - b2^t) / (sqrt(v) + eps)
+             (eps added to the square root of the raw v)
+    otherwise d = m_hat (SGD with momentum);  p <- p - lr d
     """
     if convention == "keras":
         raise NoCounterpart("Keras has no RAdam")
@@ -316,8 +349,9 @@ def numpy_radam(params, grad_fn, steps, *, convention, learning_rate, b1, b2, ep
             v[i] = b2 * v[i] + (1 - b2) * g * g
             m_hat = m[i] / bc1
             if rectify:
-                r = np.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf
-                            / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+                r = np.sqrt(
+                    (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+                )
                 if convention == "optax":
                     d = r * m_hat / (np.sqrt(v[i] / bc2 + eps_root) + eps)
                 else:
@@ -329,26 +363,48 @@ def numpy_radam(params, grad_fn, steps, *, convention, learning_rate, b1, b2, ep
     return _stack(traj)
 
 
-def numpy_trajectory(opt: str, convention: str, params: Sequence[np.ndarray], grad_fn: GradFn,
-                     steps: int, **hp) -> Trajectory:
+def numpy_trajectory(
+    opt: str, convention: str, params: Sequence[np.ndarray], grad_fn: GradFn, steps: int, **hp
+) -> Trajectory:
     """The float64 NumPy transcription of ``opt`` under ``convention``."""
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}")
     hp = _hp(opt, hp)
     family = _family(opt)
-    common = dict(convention=convention, learning_rate=hp["learning_rate"], b1=hp["b1"],
-                  b2=hp["b2"], eps=hp["eps"], l2=hp["l2"])
+    common = dict(
+        convention=convention,
+        learning_rate=hp["learning_rate"],
+        b1=hp["b1"],
+        b2=hp["b2"],
+        eps=hp["eps"],
+        l2=hp["l2"],
+    )
     decay = dict(weight_decay=hp["weight_decay"], mask=hp["mask"])
     if family == "adam":
-        return numpy_adam(params, grad_fn, steps, amsgrad=opt == "amsgrad",
-                          eps_root=hp["eps_root"], **common, **decay)
+        return numpy_adam(
+            params,
+            grad_fn,
+            steps,
+            amsgrad=opt == "amsgrad",
+            eps_root=hp["eps_root"],
+            **common,
+            **decay,
+        )
     if family == "adamax":
         return numpy_adamax(params, grad_fn, steps, **common, **decay)
     if family == "nadam":
-        return numpy_nadam(params, grad_fn, steps, eps_root=hp["eps_root"],
-                           momentum_decay=hp["momentum_decay"], **common, **decay)
-    return numpy_radam(params, grad_fn, steps, eps_root=hp["eps_root"],
-                       threshold=hp["threshold"], **common)
+        return numpy_nadam(
+            params,
+            grad_fn,
+            steps,
+            eps_root=hp["eps_root"],
+            momentum_decay=hp["momentum_decay"],
+            **common,
+            **decay,
+        )
+    return numpy_radam(
+        params, grad_fn, steps, eps_root=hp["eps_root"], threshold=hp["threshold"], **common
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -395,8 +451,9 @@ def optax_optimizer(opt: str, **hp):
     elif opt == "nadamw":
         tx = optax.nadamw(lr, b1=b1, b2=b2, eps=eps, eps_root=hp["eps_root"], **wd)
     elif opt == "radam":
-        tx = optax.radam(lr, b1=b1, b2=b2, eps=eps, eps_root=hp["eps_root"],
-                         threshold=hp["threshold"])
+        tx = optax.radam(
+            lr, b1=b1, b2=b2, eps=eps, eps_root=hp["eps_root"], threshold=hp["threshold"]
+        )
     else:
         raise ValueError(opt)
     if hp["l2"]:
@@ -405,8 +462,12 @@ def optax_optimizer(opt: str, **hp):
     return tx
 
 
-def optax_trajectories(runs: Sequence[tuple[str, dict[str, Any]]], params: Sequence[np.ndarray],
-                       grad_fn: GradFn, steps: int) -> list[Trajectory]:
+def optax_trajectories(
+    runs: Sequence[tuple[str, dict[str, Any]]],
+    params: Sequence[np.ndarray],
+    grad_fn: GradFn,
+    steps: int,
+) -> list[Trajectory]:
     """Runs several optax optimizers ``(opt, hp)`` side by side, each on its own copy
     of ``params`` with its own state, in one jitted step: one XLA compilation for all
     of them (a compilation costs ~0.5 s here, the 100 steps a few ms).
@@ -431,8 +492,10 @@ def optax_trajectories(runs: Sequence[tuple[str, dict[str, Any]]], params: Seque
 
         trajs = [[[np.asarray(x) for x in p]] for p in ps]
         for t in range(steps):
-            gs = [[np.asarray(x, dtype) for x in grad_fn(t, [y.copy() for y in traj[-1]])]
-                  for traj in trajs]
+            gs = [
+                [np.asarray(x, dtype) for x in grad_fn(t, [y.copy() for y in traj[-1]])]
+                for traj in trajs
+            ]
             ps, states = step(ps, states, gs)
             for traj, p in zip(trajs, ps, strict=True):
                 traj.append([np.asarray(x) for x in p])
@@ -441,8 +504,9 @@ def optax_trajectories(runs: Sequence[tuple[str, dict[str, Any]]], params: Seque
     return out
 
 
-def optax_trajectory(opt: str, params: Sequence[np.ndarray], grad_fn: GradFn, steps: int,
-                     **hp) -> Trajectory:
+def optax_trajectory(
+    opt: str, params: Sequence[np.ndarray], grad_fn: GradFn, steps: int, **hp
+) -> Trajectory:
     """Runs optax's own ``opt`` (jitted update, host-side gradients)."""
     return optax_trajectories([(opt, hp)], params, grad_fn, steps)[0]
 
@@ -461,8 +525,9 @@ def _torch_default_dtype(dtype):
         torch.set_default_dtype(old)
 
 
-def torch_trajectory(opt: str, params: Sequence[np.ndarray], grad_fn: GradFn, steps: int,
-                     **hp) -> Trajectory:
+def torch_trajectory(
+    opt: str, params: Sequence[np.ndarray], grad_fn: GradFn, steps: int, **hp
+) -> Trajectory:
     """Runs ``torch.optim`` (single-tensor code path, eager)."""
     import torch
 
@@ -487,8 +552,7 @@ def torch_trajectory(opt: str, params: Sequence[np.ndarray], grad_fn: GradFn, st
         betas = (hp["b1"], hp["b2"])
         common = dict(lr=_at(lr, 0), betas=betas, eps=hp["eps"], foreach=False)
         if opt in ("adam", "amsgrad"):
-            o = torch.optim.Adam(groups, weight_decay=hp["l2"], amsgrad=opt == "amsgrad",
-                                 **common)
+            o = torch.optim.Adam(groups, weight_decay=hp["l2"], amsgrad=opt == "amsgrad", **common)
         elif opt == "adamw":
             o = torch.optim.AdamW(groups, weight_decay=0.0, **common)
         elif opt == "adamax":
@@ -500,9 +564,12 @@ def torch_trajectory(opt: str, params: Sequence[np.ndarray], grad_fn: GradFn, st
         elif opt in ("nadam", "nadamw"):
             psi = hp["momentum_decay"]
             o = torch.optim.NAdam(
-                groups, weight_decay=hp["l2"] if opt == "nadam" else 0.0,
+                groups,
+                weight_decay=hp["l2"] if opt == "nadam" else 0.0,
                 momentum_decay=TORCH_MOMENTUM_DECAY if psi is None else psi,
-                decoupled_weight_decay=opt == "nadamw", **common)
+                decoupled_weight_decay=opt == "nadamw",
+                **common,
+            )
         elif opt == "radam":
             o = torch.optim.RAdam(groups, weight_decay=hp["l2"], **common)
         else:
@@ -552,8 +619,9 @@ def _import_keras():
     return keras
 
 
-def keras_trajectory(opt: str, params: Sequence[np.ndarray], grad_fn: GradFn, steps: int,
-                     **hp) -> Trajectory:
+def keras_trajectory(
+    opt: str, params: Sequence[np.ndarray], grad_fn: GradFn, steps: int, **hp
+) -> Trajectory:
     """Runs ``keras.optimizers`` eagerly on ``keras.Variable``s (JAX backend)."""
     keras = _import_keras()
     hp = _hp(opt, hp)
@@ -569,12 +637,13 @@ def keras_trajectory(opt: str, params: Sequence[np.ndarray], grad_fn: GradFn, st
     # A no-argument callable learning rate is read by Keras at every use
     # (BaseOptimizer._get_current_learning_rate); a schedule thus stays exact float64.
     learning_rate = (lambda: _at(lr, count[0])) if callable(lr) else float(lr)
-    common = dict(learning_rate=learning_rate, beta_1=hp["b1"], beta_2=hp["b2"],
-                  epsilon=hp["eps"])
+    common = dict(learning_rate=learning_rate, beta_1=hp["b1"], beta_2=hp["b2"], epsilon=hp["eps"])
     decayed = opt in DECOUPLED
     with _x64(dtype), _keras_floatx(dtype):
-        variables = [keras.Variable(np.array(x), dtype=str(dtype), name=f"leaf{i}")
-                     for i, x in enumerate(params)]
+        variables = [
+            keras.Variable(np.array(x), dtype=str(dtype), name=f"leaf{i}")
+            for i, x in enumerate(params)
+        ]
         wd0 = _at(wd, 0) if decayed else None
         if opt in ("adam", "amsgrad"):
             o = keras.optimizers.Adam(amsgrad=opt == "amsgrad", **common)
@@ -588,7 +657,8 @@ def keras_trajectory(opt: str, params: Sequence[np.ndarray], grad_fn: GradFn, st
             raise ValueError(opt)
         if decayed and hp["mask"] is not None:
             o.exclude_from_weight_decay(
-                var_list=[x for x, mk in zip(variables, hp["mask"], strict=True) if not mk])
+                var_list=[x for x, mk in zip(variables, hp["mask"], strict=True) if not mk]
+            )
         o.build(variables)
         if not callable(lr):  # see _keras_floatx
             assert np.dtype(o.learning_rate.dtype) == dtype, o.learning_rate.dtype
@@ -600,21 +670,22 @@ def keras_trajectory(opt: str, params: Sequence[np.ndarray], grad_fn: GradFn, st
             current = [x.copy() for x in traj[-1]]
             grads = grad_fn(t, current)
             # Keras has no coupled L2: add its gradient l2 * p by hand.
-            grads = [np.asarray(g, dtype) + (l2 * p if l2 else 0) for g, p in
-                     zip(grads, current, strict=True)]
-            o.apply([keras.ops.convert_to_tensor(np.asarray(g, dtype)) for g in grads],
-                    variables)
+            grads = [
+                np.asarray(g, dtype) + (l2 * p if l2 else 0)
+                for g, p in zip(grads, current, strict=True)
+            ]
+            o.apply([keras.ops.convert_to_tensor(np.asarray(g, dtype)) for g in grads], variables)
             traj.append([np.array(x.value) for x in variables])
     out = _stack(traj)
     assert all(x.dtype == dtype for x in out), "keras changed the parameter dtype"
     return out
 
 
-FRAMEWORK_OF = {"optax": optax_trajectory, "pytorch": torch_trajectory,
-                "keras": keras_trajectory}
+FRAMEWORK_OF = {"optax": optax_trajectory, "pytorch": torch_trajectory, "keras": keras_trajectory}
 
 
-def framework_trajectory(opt: str, convention: str, params: Sequence[np.ndarray],
-                         grad_fn: GradFn, steps: int, **hp) -> Trajectory:
+def framework_trajectory(
+    opt: str, convention: str, params: Sequence[np.ndarray], grad_fn: GradFn, steps: int, **hp
+) -> Trajectory:
     """Runs the framework whose numbers ``convention`` must reproduce."""
     return FRAMEWORK_OF[convention](opt, params, grad_fn, steps, **hp)

@@ -267,7 +267,9 @@ def test_inject_hyperparams_gives_the_same_trajectory(name):
     plain, _ = run(make(name, 1e-2, **kwargs), mixed_tree(), 20)
     injected_tx = optax.inject_hyperparams(getattr(jadam, name))(learning_rate=1e-2, **kwargs)
     injected, state = run(injected_tx, mixed_tree(), 20)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7), plain, injected)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7), plain, injected
+    )
     # and the learning rate can be changed in the state between steps
     assert float(state.hyperparams["learning_rate"]) == pytest.approx(1e-2)
 

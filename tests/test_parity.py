@@ -108,8 +108,16 @@ ADAMAX_HP = dict(learning_rate=1e-2, b1=0.9, b2=0.95, eps=3e-2)
 # ~0.02 just where r_t is steep, and optax's own float32 run leaves the float64 one
 # by 1.6e-5. With b2 = 0.99 the factor is ~200.
 RADAM_HP = dict(learning_rate=1e-2, b1=0.9, b2=0.99, eps=3e-2)
-BASE_HP = {"adam": ADAM_HP, "amsgrad": ADAM_HP, "adamw": ADAM_HP, "adamax": ADAMAX_HP,
-           "adamaxw": ADAMAX_HP, "nadam": ADAM_HP, "nadamw": ADAM_HP, "radam": RADAM_HP}
+BASE_HP = {
+    "adam": ADAM_HP,
+    "amsgrad": ADAM_HP,
+    "adamw": ADAM_HP,
+    "adamax": ADAMAX_HP,
+    "adamaxw": ADAMAX_HP,
+    "nadam": ADAM_HP,
+    "nadamw": ADAM_HP,
+    "radam": RADAM_HP,
+}
 WD = 0.05
 L2 = 0.05
 SCHEDULES = dict(learning_rate=LR_SCHEDULE, weight_decay=WD_SCHEDULE)
@@ -231,7 +239,8 @@ CASES = [
 ]
 
 assert {(c.opt, c.convention) for c in CASES} == {
-    (o, c) for o in R.OPTIMIZERS for c in R.CONVENTIONS if (o, c) != ("radam", "keras")}
+    (o, c) for o in R.OPTIMIZERS for c in R.CONVENTIONS if (o, c) != ("radam", "keras")
+}
 assert len({c.id for c in CASES}) == len(CASES)
 
 DTYPES = {"float64": np.float64, "float32": np.float32}
@@ -270,7 +279,8 @@ def assert_trajectories_close(actual, expected, dtype: str, what: str):
                 f"(1-based update count), element {index}: {a[(step, *index)]!r} vs "
                 f"{e[(step, *index)]!r}, error {err[(step, *index)]:.3g} x scale {scale:.3g} "
                 f"(rtol {rtol:g}); worst error over the run {err.max():.3g} at step "
-                f"{int(np.unravel_index(err.argmax(), err.shape)[0])}")
+                f"{int(np.unravel_index(err.argmax(), err.shape)[0])}"
+            )
     return worst
 
 
@@ -281,8 +291,9 @@ def assert_trajectories_close(actual, expected, dtype: str, what: str):
 
 @functools.cache
 def numpy_run(case: Case) -> list[np.ndarray]:
-    return R.numpy_trajectory(case.opt, case.convention, PARAMS0, grad_fn, STEPS,
-                              **case.reference_hp())
+    return R.numpy_trajectory(
+        case.opt, case.convention, PARAMS0, grad_fn, STEPS, **case.reference_hp()
+    )
 
 
 def _params(dtype: str) -> list[np.ndarray]:
@@ -293,8 +304,9 @@ def _params(dtype: str) -> list[np.ndarray]:
 def _optax_runs(dtype: str) -> dict[Case, list[np.ndarray]]:
     # All optax cases in one jitted step: one compilation instead of one per case.
     cases = [c for c in CASES if c.framework and c.convention == "optax"]
-    trajs = R.optax_trajectories([(c.opt, c.reference_hp()) for c in cases], _params(dtype),
-                                 grad_fn, STEPS)
+    trajs = R.optax_trajectories(
+        [(c.opt, c.reference_hp()) for c in cases], _params(dtype), grad_fn, STEPS
+    )
     return dict(zip(cases, trajs, strict=True))
 
 
@@ -302,8 +314,9 @@ def _optax_runs(dtype: str) -> dict[Case, list[np.ndarray]]:
 def framework_run(case: Case, dtype: str) -> list[np.ndarray]:
     if case.convention == "optax":
         return _optax_runs(dtype)[case]
-    return R.framework_trajectory(case.opt, case.convention, _params(dtype), grad_fn, STEPS,
-                                  **case.reference_hp())
+    return R.framework_trajectory(
+        case.opt, case.convention, _params(dtype), grad_fn, STEPS, **case.reference_hp()
+    )
 
 
 def _run_jadam(cases: list[Case], dtype: str) -> list[list[np.ndarray]]:
@@ -327,8 +340,7 @@ def _run_jadam(cases: list[Case], dtype: str) -> list[list[np.ndarray]]:
 
         trajs = [[[np.asarray(x) for x in jax.tree.leaves(p)]] for p in params]
         for t in range(STEPS):
-            grads = [TREEDEF.unflatten(grad_fn(t, [x.copy() for x in traj[-1]]))
-                     for traj in trajs]
+            grads = [TREEDEF.unflatten(grad_fn(t, [x.copy() for x in traj[-1]])) for traj in trajs]
             params, states = step(params, states, grads)
             for traj, p in zip(trajs, params, strict=True):
                 traj.append([np.asarray(x) for x in jax.tree.leaves(p)])
@@ -373,22 +385,34 @@ WITH_FRAMEWORK = [c for c in CASES if c.framework]
 @pytest.mark.parametrize("case", WITH_FRAMEWORK, ids=lambda c: c.id)
 def test_reference_matches_framework(case: Case, dtype: str):
     """The NumPy transcriptions reproduce the frameworks (validates the references)."""
-    assert_trajectories_close(framework_run(case, dtype), numpy_run(case), dtype,
-                              f"{case.convention} framework vs NumPy reference")
+    assert_trajectories_close(
+        framework_run(case, dtype),
+        numpy_run(case),
+        dtype,
+        f"{case.convention} framework vs NumPy reference",
+    )
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("case", WITH_FRAMEWORK, ids=lambda c: c.id)
 def test_jadam_matches_framework(case: Case, dtype: str):
-    assert_trajectories_close(jadam_run(case, dtype), framework_run(case, dtype), dtype,
-                              f"jadam.{case.opt}(convention={case.convention!r}) vs framework")
+    assert_trajectories_close(
+        jadam_run(case, dtype),
+        framework_run(case, dtype),
+        dtype,
+        f"jadam.{case.opt}(convention={case.convention!r}) vs framework",
+    )
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_jadam_matches_reference(case: Case, dtype: str):
-    assert_trajectories_close(jadam_run(case, dtype), numpy_run(case), dtype,
-                              f"jadam.{case.opt}(convention={case.convention!r}) vs NumPy")
+    assert_trajectories_close(
+        jadam_run(case, dtype),
+        numpy_run(case),
+        dtype,
+        f"jadam.{case.opt}(convention={case.convention!r}) vs NumPy",
+    )
 
 
 def test_keras_radam_is_refused():
@@ -400,8 +424,10 @@ def test_keras_radam_is_refused():
 # Which conventions differ on paper, for the base hyperparameters of each optimizer.
 # "same": the formulas are algebraically equal (only rounding differs).
 SAME = {
-    ("adam", "optax", "pytorch"), ("adamw", "optax", "pytorch"),
-    ("adamax", "optax", "pytorch"), ("adamaxw", "optax", "pytorch"),
+    ("adam", "optax", "pytorch"),
+    ("adamw", "optax", "pytorch"),
+    ("adamax", "optax", "pytorch"),
+    ("adamaxw", "optax", "pytorch"),
 }
 
 
@@ -409,12 +435,13 @@ def _pairs():
     for opt in R.OPTIMIZERS:
         convs = [c for c in R.CONVENTIONS if (opt, c) != ("radam", "keras")]
         for i, a in enumerate(convs):
-            for b in convs[i + 1:]:
+            for b in convs[i + 1 :]:
                 yield opt, a, b
 
 
-@pytest.mark.parametrize(("opt", "a", "b"), list(_pairs()),
-                         ids=lambda x: x if isinstance(x, str) else None)
+@pytest.mark.parametrize(
+    ("opt", "a", "b"), list(_pairs()), ids=lambda x: x if isinstance(x, str) else None
+)
 def test_conventions_differ(opt: str, a: str, b: str):
     """The table can fail: conventions that differ on paper are far apart here.
 
@@ -427,8 +454,10 @@ def test_conventions_differ(opt: str, a: str, b: str):
     """
     base = Case(opt, a)
     other = Case(opt, b)
-    dist = max(float(np.max(np.abs(x - y)) / np.max(np.abs(y)))
-               for x, y in zip(numpy_run(base), numpy_run(other), strict=True))
+    dist = max(
+        float(np.max(np.abs(x - y)) / np.max(np.abs(y)))
+        for x, y in zip(numpy_run(base), numpy_run(other), strict=True)
+    )
     if (opt, a, b) in SAME:
         assert dist < RTOL["float64"], (opt, a, b, dist)
     else:
@@ -445,5 +474,3 @@ def test_problem_is_well_conditioned():
         assert min(abs(r - threshold) for r in rho) > 1e-3
     g = np.concatenate([np.ravel(x) for t in range(STEPS) for x in grad_fn(t, PARAMS0)])
     assert 0.1 < np.sqrt(np.mean(g**2)) < 10
-
-
