@@ -2,7 +2,7 @@
 
 Everything public is re-exported here; the modules behind it are private:
 the math (`_numerics`, `_storage`, `_quantize`, `_rounding`, `_adam`, `_adamax`,
-`_nadam`, `_radam`, `_aliases`, `_fused`), scale-out (`_sharding`) and the
+`_nadam`, `_radam`, `_aliases`, `_fused`, `_packed`), scale-out (`_sharding`) and the
 trainer (`jadam.train`, which uses the math only through these names).
 """
 
@@ -25,6 +25,10 @@ from jadam._fused import flat_layout as flat_layout
 from jadam._nadam import ScaleByNadamState as ScaleByNadamState
 from jadam._nadam import scale_by_nadam as scale_by_nadam
 from jadam._numerics import CONVENTIONS as CONVENTIONS
+from jadam._packed import PackedAdam as PackedAdam
+from jadam._packed import PackedAdamState as PackedAdamState
+from jadam._packed import packed_adam as packed_adam
+from jadam._packed import packed_native_available as packed_native_available
 from jadam._quantize import Quantized as Quantized
 from jadam._quantize import QuantizedMoment as QuantizedMoment
 from jadam._radam import scale_by_radam as scale_by_radam

@@ -1,0 +1,307 @@
+"""`packed_adam`: a float32 Adam step in one pass over memory (CPU, native kernel).
+
+XLA's CPU backend compiles an Adam update-and-apply step into three loops
+(m, v, then p), about 40 bytes moved per parameter instead of 28, and no
+layout or flag changes that (measured: interleaved p/m/v buffers, chunked
+`fori_loop`/`scan` over an interleaved buffer were 4-8x *slower*, three
+updates per chunk copied the whole buffer every iteration, and no
+`--xla_cpu_*` flag helped). `packed_adam` keeps the parameters and both moments as three
+flat float32 vectors and updates them in place with one XLA FFI custom call:
+a small C++ loop (vectorized, split over threads) that reads p, g, m, v and
+writes p, m, v once, taking the gradients leaf by leaf (no concatenation).
+
+This is NOT an optax transformation: it owns the parameters (read them back
+with `params(state)`), supports only float32 parameters, the optax
+convention of plain Adam (no weight decay, schedules or AMSGrad), CPU only,
+and no `vmap`/`grad` through the step. The kernel is compiled with the
+system C++ compiler (`CXX`, else `g++`) on first use and cached under
+`$XDG_CACHE_HOME/jadam` (default `~/.cache/jadam`); where that
+fails, `step` falls back to the same arithmetic in plain JAX (correct, at
+optax speed). Results equal `jadam.adam` to float32 rounding (bit for bit
+where XLA contracts to FMA as the kernel does).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import subprocess
+import tempfile
+import threading
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jadam._fused import FlatLayout
+
+_SOURCE = r"""
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+namespace ffi = xla::ffi;
+
+struct Hyper {
+  float b1, omb1, b2, omb2, rbc1, rbc2, eps, eps_root, neglr;
+};
+
+// p, m, v updated in place over [lo, hi); g is indexed like p.
+static void kernel(float* p, float* m, float* v, const float* g, int64_t lo, int64_t hi,
+                   Hyper h) {
+#pragma omp simd
+  for (int64_t i = lo; i < hi; ++i) {
+    float gi = g[i];
+    float mi = h.b1 * m[i] + h.omb1 * gi;
+    float vi = h.b2 * v[i] + h.omb2 * (gi * gi);
+    float d = (mi * h.rbc1) / (std::sqrt(vi * h.rbc2 + h.eps_root) + h.eps);
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = p[i] + d * h.neglr;
+  }
+}
+
+struct Seg {
+  const float* g;
+  int64_t off, len;
+};
+
+static void seg_kernel(float* p, float* m, float* v, const std::vector<Seg>* segs, int64_t lo,
+                       int64_t hi, Hyper h) {
+  for (const Seg& s : *segs) {
+    int64_t a = std::max(lo, s.off), b = std::min(hi, s.off + s.len);
+    if (a < b) kernel(p, m, v, s.g - s.off, a, b, h);  // g[i - off] for i in [a, b)
+  }
+}
+
+static ffi::Error AdamTreeImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
+                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> sc,
+                               ffi::RemainingArgs grads, ffi::ResultBuffer<ffi::F32> po,
+                               ffi::ResultBuffer<ffi::F32> mo, ffi::ResultBuffer<ffi::F32> vo,
+                               float b1, float omb1, float b2, float omb2, float eps,
+                               float eps_root, int64_t threads, ffi::ThreadPool pool) {
+  int64_t n = p.element_count();
+  float* P = po->typed_data();
+  float* M = mo->typed_data();
+  float* V = vo->typed_data();
+  if (P != p.typed_data() || M != m.typed_data() || V != v.typed_data())
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "outputs must alias inputs");
+  std::vector<Seg> segs;
+  int64_t off = 0;
+  for (size_t k = 0; k < grads.size(); ++k) {
+    auto g = grads.get<ffi::Buffer<ffi::F32>>(k);
+    if (!g.has_value()) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "f32 grads only");
+    segs.push_back({g->typed_data(), off, (int64_t)g->element_count()});
+    off += g->element_count();
+  }
+  if (off != n) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "grad sizes differ");
+  const float* s = sc.typed_data();
+  Hyper h{b1, omb1, b2, omb2, s[0], s[1], eps, eps_root, s[2]};
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, 64));
+  if (n < (1 << 16)) threads = 1;
+  // Blocks of 64K parameters handed out dynamically, so that a thread slowed
+  // by a neighbour does not hold up the step.
+  const int64_t block = 1 << 16;
+  const int64_t nblocks = (n + block - 1) / block;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> left{threads - 1};
+  auto work = [=, &segs, &next] {
+    for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1))
+      seg_kernel(P, M, V, &segs, b * block, std::min(n, (b + 1) * block), h);
+  };
+  // The helpers run on XLA's own intra-op pool (its threads would otherwise
+  // spin beside ours); plain threads where it has none.
+  std::vector<std::thread> spawned;
+  for (int64_t t = 1; t < threads; ++t) {
+    auto task = [work, &left] {
+      work();
+      left.fetch_sub(1, std::memory_order_release);
+    };
+    if (pool.num_threads() > 0) pool.Schedule(decltype(task)(task));
+    else spawned.emplace_back(task);
+  }
+  work();
+  for (auto& t : spawned) t.join();
+  while (left.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamTreeStep, AdamTreeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("b1")
+                                  .Attr<float>("omb1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("omb2")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("eps_root")
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
+"""
+
+_TARGET = "jadam_packed_adam_step"
+_lock = threading.Lock()
+_status: dict[str, Any] = {}
+
+
+def _build() -> bool:
+    """Compile, load and register the kernel once; False if that is impossible."""
+    with _lock:
+        if "ok" in _status:
+            return _status["ok"]
+        try:
+            cxx = os.environ.get("CXX", "g++")
+            flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast"]
+            flags += ["-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+            key = hashlib.sha256((_SOURCE + cxx + " ".join(flags) + jax.__version__).encode())
+            cache = os.path.join(
+                os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jadam"
+            )
+            os.makedirs(cache, exist_ok=True)
+            lib_path = os.path.join(cache, f"packed_adam_{key.hexdigest()[:16]}.so")
+            if not os.path.exists(lib_path):
+                with tempfile.TemporaryDirectory() as tmp:
+                    src = os.path.join(tmp, "packed_adam.cc")
+                    with open(src, "w") as f:
+                        f.write(_SOURCE)
+                    out = os.path.join(tmp, "packed_adam.so")
+                    subprocess.run(
+                        [cxx, *flags, f"-I{jax.ffi.include_dir()}", src, "-o", out],
+                        check=True,
+                        capture_output=True,
+                    )
+                    os.replace(out, lib_path)
+            lib = ctypes.cdll.LoadLibrary(lib_path)
+            capsule = jax.ffi.pycapsule(lib.AdamTreeStep)
+            jax.ffi.register_ffi_target(_TARGET, capsule, platform="cpu")
+            _status["ok"] = True
+        except (OSError, subprocess.CalledProcessError) as err:
+            _status["ok"], _status["error"] = False, err
+        return _status["ok"]
+
+
+def packed_native_available() -> bool:
+    """Whether `packed_adam` runs its native kernel here (else the plain-JAX fallback)."""
+    return _build()
+
+
+class PackedAdamState(NamedTuple):
+    """State of `packed_adam`: step count and flat float32 p, m, v."""
+
+    count: jax.Array  # shape=(), int32
+    params: jax.Array  # flat float32 parameters
+    mu: jax.Array
+    nu: jax.Array
+
+
+class PackedAdam:
+    """Built by `packed_adam`; see there."""
+
+    def __init__(self, learning_rate, b1, b2, eps, eps_root, threads):
+        self.lr, self.b1, self.b2, self.eps, self.eps_root = learning_rate, b1, b2, eps, eps_root
+        self.threads = threads or os.cpu_count() or 1
+        self.layout: FlatLayout | None = None
+
+    def init(self, params: Any) -> PackedAdamState:
+        """Flatten `params` (float32 leaves only) into a fresh state."""
+        layout = FlatLayout(params)
+        if set(layout.groups) - {"float32"}:
+            raise TypeError(f"packed_adam takes float32 parameters only, got {set(layout.groups)}")
+        self.layout = layout
+        flat = layout.ravel(params).get("float32", jnp.zeros(0, jnp.float32))
+        zeros = jnp.zeros_like(flat)
+        return PackedAdamState(jnp.zeros([], jnp.int32), flat, zeros, jnp.zeros_like(flat))
+
+    def params(self, state: PackedAdamState) -> Any:
+        """The parameter tree (slices of the flat vector: free under jit)."""
+        return self._layout().unravel({"float32": state.params})
+
+    def _layout(self) -> FlatLayout:
+        if self.layout is None:
+            raise ValueError("call init(params) first")
+        return self.layout
+
+    def step(self, state: PackedAdamState, grads: Any) -> PackedAdamState:
+        """One Adam update-and-apply. Jit it with `donate_argnums=0` to update in place."""
+        layout = self._layout()
+        leaves = [g for g in layout.treedef.flatten_up_to(grads) if g is not None]
+        if any(jnp.dtype(g.dtype) != jnp.float32 for g in leaves):
+            raise TypeError("packed_adam takes float32 gradients only")
+        count = jnp.where(state.count < jnp.iinfo(jnp.int32).max, state.count + 1, state.count)
+        c = count.astype(jnp.float32)
+        inv_bc1 = 1.0 / -jnp.expm1(c * math.log(self.b1)) if self.b1 else jnp.float32(1)
+        inv_bc2 = 1.0 / -jnp.expm1(c * math.log(self.b2)) if self.b2 else jnp.float32(1)
+        neg_lr = jnp.asarray(-self.lr, jnp.float32)
+        if _build() and jax.default_backend() == "cpu" and state.params.size:
+            scalars = jnp.stack([inv_bc1, inv_bc2, neg_lr]).astype(jnp.float32)
+            out = (jax.ShapeDtypeStruct(state.params.shape, jnp.float32),) * 3
+            call = jax.ffi.ffi_call(_TARGET, out, input_output_aliases={0: 0, 1: 1, 2: 2})
+            p, m, v = call(
+                state.params,
+                state.mu,
+                state.nu,
+                scalars,
+                *[g.reshape(-1) for g in leaves],
+                b1=np.float32(self.b1),
+                omb1=np.float32(1.0 - self.b1),
+                b2=np.float32(self.b2),
+                omb2=np.float32(1.0 - self.b2),
+                eps=np.float32(self.eps),
+                eps_root=np.float32(self.eps_root),
+                threads=np.int64(self.threads),
+            )
+            return PackedAdamState(count, p, m, v)
+        g = layout.ravel(grads)["float32"]  # fallback: the same arithmetic in XLA
+        m = self.b1 * state.mu + (1.0 - self.b1) * g
+        v = self.b2 * state.nu + (1.0 - self.b2) * (g * g)
+        d = (m * inv_bc1) / (jnp.sqrt(v * inv_bc2 + self.eps_root) + self.eps)
+        return PackedAdamState(count, state.params + d * neg_lr, m, v)
+
+
+def packed_adam(
+    learning_rate: float = 1e-3,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    threads: int | None = None,
+) -> PackedAdam:
+    """Plain Adam on packed float32 state, one pass over memory per step (CPU).
+
+    Same formulas as `jadam.adam` (optax convention). Returns an object with
+    `init(params) -> state`, a jittable `step(state, grads) -> state` (grads
+    shaped like the params) and `params(state) -> tree`. Not an optax
+    transformation; see the module docstring for what it leaves out.
+
+    Example:
+      >>> import functools, jax, jax.numpy as jnp, jadam
+      >>> opt = jadam.packed_adam(0.1)
+      >>> state = opt.init({"w": jnp.array([1.0, -2.0])})
+      >>> step = jax.jit(opt.step, donate_argnums=0)
+      >>> state = step(state, {"w": jnp.array([0.5, -0.5])})
+      >>> opt.params(state)["w"]
+      Array([ 0.9, -1.9], dtype=float32)
+    """
+    for name, value in [("learning_rate", learning_rate), ("eps", eps), ("eps_root", eps_root)]:
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    for name, value in [("b1", b1), ("b2", b2)]:
+        if not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    hyper = (float(learning_rate), float(b1), float(b2), float(eps), float(eps_root))
+    return PackedAdam(*hyper, threads)

@@ -1,0 +1,72 @@
+"""`jadam.packed_adam`: the native one-pass step equals `jadam.adam`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jadam
+from jadam import _packed
+
+
+def tree():
+    keys = jax.random.split(jax.random.key(0), 3)
+    return {
+        "w": jax.random.normal(keys[0], (300, 400)),  # large enough to use both threads
+        "none": None,
+        "layers": [jax.random.normal(keys[1], (5,)), jnp.ones((3, 2))],
+        "big": jax.random.normal(keys[2], (70, 100)),
+    }
+
+
+def grads_at(i, params):
+    key = jax.random.key(100 + i)
+    return jax.tree.map(
+        lambda p: None if p is None else jax.random.normal(key, p.shape) * (0.1 + i),
+        params,
+        is_leaf=lambda x: x is None,
+    )
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_packed_matches_adam_over_steps(native, monkeypatch):
+    if not native:
+        monkeypatch.setitem(_packed._status, "ok", False)
+    elif not jadam.packed_native_available():
+        pytest.skip("no C++ compiler here")
+    params = tree()
+    opt = jadam.packed_adam(0.05, b2=0.99, eps=1e-6)
+    state = opt.init(params)
+    ref_tx = jadam.adam(0.05, b2=0.99, eps=1e-6)
+    ref_state = ref_tx.init(params)
+
+    @jax.jit
+    def ref_step(params, state, grads):
+        updates, state = ref_tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(opt.step, donate_argnums=0)
+    ref = params
+    for i in range(6):
+        grads = grads_at(i, params)
+        state = step(state, grads)
+        ref, ref_state = ref_step(ref, ref_state, grads)
+    got = opt.params(state)
+    assert int(state.count) == 6
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-7)
+    np.testing.assert_allclose(
+        state.nu, jadam.flat_layout(params).ravel(ref_state[0].nu)["float32"], rtol=2e-6
+    )
+
+
+def test_packed_rejects_other_dtypes_and_bad_args():
+    with pytest.raises(TypeError):
+        jadam.packed_adam().init({"w": jnp.ones(3, jnp.bfloat16)})
+    with pytest.raises(ValueError):
+        jadam.packed_adam(b1=1.0)
+    with pytest.raises(ValueError):
+        jadam.packed_adam().params(None)
