@@ -42,6 +42,34 @@ def init_adam_state(params: Any, mu_store: Any, nu_store: Any) -> ScaleByAdamSta
     )
 
 
+def moment_transform(
+    leaf_update: Any, mu_store: Any, nu_store: Any
+) -> optax.GradientTransformationExtraArgs:
+    """The (count, mu, nu) transform around a per-leaf rule.
+
+    `leaf_update(g, mu, nu, *, count, key) -> (direction, new_mu, new_nu)` gets one
+    gradient leaf, its stored moments, the incremented step and its rounding key.
+    """
+
+    def init_fn(params):
+        return init_adam_state(params, mu_store, nu_store)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        count = nx.safe_increment(state.count)
+        keys = leaf_keys(updates, count, mu_store, nu_store)
+        direction, mu, nu = nx.map_moments(
+            lambda g, key, mu, nu: leaf_update(g, mu, nu, count=count, key=key),
+            updates,
+            keys,
+            state.mu,
+            state.nu,
+        )
+        return direction, ScaleByAdamState(count, mu, nu)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def check_moment_args(b1: Any, b2: Any, eps: Any, eps_root: Any, convention: str) -> None:
     """Validate the hyperparameters every Adam-family transform shares."""
     nx.check_decay("b1", b1)

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from jadam import _numerics as nx
-from jadam._adam import ScaleByAdamState, check_moment_args, init_adam_state
-from jadam._storage import leaf_keys, resolve_storage
+from jadam._adam import check_moment_args, moment_transform
+from jadam._storage import resolve_storage
 
 
 def scale_by_adamax(
@@ -47,31 +47,20 @@ def scale_by_adamax(
     mu_store = resolve_storage("mu_dtype", mu_dtype)
     nu_store = resolve_storage("nu_dtype", nu_dtype)
 
-    def init_fn(params):
-        return init_adam_state(params, mu_store, nu_store)
+    def leaf_update(g, mu, nu, *, count, key):
+        dtype = nx.compute_dtype(g.dtype)
+        g32 = g.astype(dtype)
+        b1_, one_minus_b1 = nx.decay_terms(b1, dtype)
+        b2_, _ = nx.decay_terms(b2, dtype)
+        m = b1_ * mu_store.read(mu, dtype) + one_minus_b1 * g32
+        decayed = b2_ * nu_store.read(nu, dtype)
+        bc1 = nx.one_minus_power(b1, count, dtype)
+        if convention == "keras":
+            u = jnp.maximum(decayed, jnp.abs(g32))
+            direction = m / (bc1 * (u + eps))
+        else:
+            u = jnp.maximum(decayed, jnp.abs(g32) + eps)
+            direction = m / (bc1 * u)
+        return direction.astype(g.dtype), mu_store.write(m, mu, key), nu_store.write(u, nu, key)
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        count = nx.safe_increment(state.count)
-
-        def leaf_update(g, key, mu, nu):
-            dtype = nx.compute_dtype(g.dtype)
-            g32 = g.astype(dtype)
-            b1_, one_minus_b1 = nx.decay_terms(b1, dtype)
-            b2_, _ = nx.decay_terms(b2, dtype)
-            m = b1_ * mu_store.read(mu, dtype) + one_minus_b1 * g32
-            decayed = b2_ * nu_store.read(nu, dtype)
-            bc1 = nx.one_minus_power(b1, count, dtype)
-            if convention == "keras":
-                u = jnp.maximum(decayed, jnp.abs(g32))
-                direction = m / (bc1 * (u + eps))
-            else:
-                u = jnp.maximum(decayed, jnp.abs(g32) + eps)
-                direction = m / (bc1 * u)
-            return direction.astype(g.dtype), mu_store.write(m, mu, key), nu_store.write(u, nu, key)
-
-        keys = leaf_keys(updates, count, mu_store, nu_store)
-        direction, mu, nu = nx.map_moments(leaf_update, updates, keys, state.mu, state.nu)
-        return direction, ScaleByAdamState(count, mu, nu)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return moment_transform(leaf_update, mu_store, nu_store)

@@ -12,13 +12,12 @@ import optax
 
 from jadam import _numerics as nx
 from jadam._adam import (
-    ScaleByAdamState,
     adam_denominator,
     check_moment_args,
-    init_adam_state,
+    moment_transform,
     update_moments,
 )
-from jadam._storage import leaf_keys, resolve_storage
+from jadam._storage import resolve_storage
 
 
 def scale_by_radam(
@@ -65,43 +64,32 @@ def scale_by_radam(
     mu_store = resolve_storage("mu_dtype", mu_dtype)
     nu_store = resolve_storage("nu_dtype", nu_dtype)
 
-    def init_fn(params):
-        return init_adam_state(params, mu_store, nu_store)
+    def leaf_update(g, mu, nu, *, count, key):
+        dtype = nx.compute_dtype(g.dtype)
+        g32 = g.astype(dtype)
+        m, v = update_moments(
+            g32, mu_store.read(mu, dtype), nu_store.read(nu, dtype), b1=b1, b2=b2, dtype=dtype
+        )
+        bc1 = nx.one_minus_power(b1, count, dtype)
+        bc2 = nx.one_minus_power(b2, count, dtype)
+        _, one_minus_b2 = nx.decay_terms(b2, dtype)
+        rho_inf = 2 / one_minus_b2 - 1
+        t = count.astype(dtype)
+        rho = rho_inf - 2 * t * (1 - bc2) / bc2
+        # Clamped so that the unused branch of `where` is never NaN: a NaN
+        # there would still poison gradients taken through the update.
+        ratio = (rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)
+        rect = jnp.sqrt(jnp.maximum(ratio, 0))
+        m_hat = m / bc1
+        denom = adam_denominator(
+            v / bc2,
+            bc2,
+            eps=eps,
+            eps_root=eps_root,
+            eps_on_raw_moment=convention == "pytorch",
+        )
+        passes = rho > threshold if convention == "pytorch" else rho >= threshold
+        direction = jnp.where(passes, rect * m_hat / denom, m_hat)
+        return direction.astype(g.dtype), mu_store.write(m, mu, key), nu_store.write(v, nu, key)
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        count = nx.safe_increment(state.count)
-
-        def leaf_update(g, key, mu, nu):
-            dtype = nx.compute_dtype(g.dtype)
-            g32 = g.astype(dtype)
-            m, v = update_moments(
-                g32, mu_store.read(mu, dtype), nu_store.read(nu, dtype), b1=b1, b2=b2, dtype=dtype
-            )
-            bc1 = nx.one_minus_power(b1, count, dtype)
-            bc2 = nx.one_minus_power(b2, count, dtype)
-            _, one_minus_b2 = nx.decay_terms(b2, dtype)
-            rho_inf = 2 / one_minus_b2 - 1
-            t = count.astype(dtype)
-            rho = rho_inf - 2 * t * (1 - bc2) / bc2
-            # Clamped so that the unused branch of `where` is never NaN: a NaN
-            # there would still poison gradients taken through the update.
-            ratio = (rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)
-            rect = jnp.sqrt(jnp.maximum(ratio, 0))
-            m_hat = m / bc1
-            denom = adam_denominator(
-                v / bc2,
-                bc2,
-                eps=eps,
-                eps_root=eps_root,
-                eps_on_raw_moment=convention == "pytorch",
-            )
-            passes = rho > threshold if convention == "pytorch" else rho >= threshold
-            direction = jnp.where(passes, rect * m_hat / denom, m_hat)
-            return direction.astype(g.dtype), mu_store.write(m, mu, key), nu_store.write(v, nu, key)
-
-        keys = leaf_keys(updates, count, mu_store, nu_store)
-        direction, mu, nu = nx.map_moments(leaf_update, updates, keys, state.mu, state.nu)
-        return direction, ScaleByAdamState(count, mu, nu)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return moment_transform(leaf_update, mu_store, nu_store)
