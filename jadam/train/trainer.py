@@ -132,7 +132,8 @@ class Trainer:
         ``GradientTransformation``.
       loss: ``binary_crossentropy``, ``categorical_crossentropy``,
         ``sparse_categorical_crossentropy``, ``mse`` or ``mae``; computed from logits.
-      metrics: any of ``accuracy`` (matching the loss), ``auc`` (binary), ``mse``, ``mae``.
+      metrics: any of ``accuracy`` (matching the loss), ``auc`` (binary), ``mse``, ``mae``;
+        None (the default) is ``["accuracy"]`` for classification losses, none for regression.
       l1, l2: weight penalties added to the loss (kernels only), distinct from an
         optimizer's decoupled weight decay.
       seed: seeds parameter initialization and the shuffling of every epoch.
@@ -159,7 +160,7 @@ class Trainer:
         model: Any,
         optimizer: str | optax.GradientTransformation = "adam",
         loss: str = "binary_crossentropy",
-        metrics: Sequence[str] = ("accuracy",),
+        metrics: Sequence[str] | None = None,
         *,
         optimizer_options: Mapping[str, Any] | None = None,
         l1: float = 0.0,
@@ -174,6 +175,8 @@ class Trainer:
         if zero1 and mesh is None:
             raise ValueError("zero1=True shards the optimizer state over a mesh: pass mesh= too")
         self.loss = get_loss(loss)
+        if metrics is None:  # accuracy where it means something, nothing for regression
+            metrics = () if self.loss.task == "regression" else ("accuracy",)
         if isinstance(metrics, str):
             metrics = (metrics,)
         self.metric_objs = [get_metric(m, self.loss) for m in metrics]

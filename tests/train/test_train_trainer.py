@@ -417,3 +417,12 @@ def test_device_arrays_are_used_in_place_and_checked():
     np.testing.assert_array_equal(trainer.predict(jnp.asarray(x)), ref.predict(x))
     with pytest.raises(ValueError, match="NaN or infinite"):
         trainer.fit(jnp.asarray(x).at[0, 0].set(jnp.nan), y, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "loss, expected", [("mse", []), ("mae", []), ("binary_crossentropy", ["accuracy"])]
+)
+def test_default_metrics_follow_the_loss(loss, expected):
+    """Keras-like default: a regression Trainer needs no `metrics=` to be built."""
+    trainer = jadam.Trainer(jadam.MLP((4, 1)), "adam", loss=loss)
+    assert [m.name for m in trainer.metric_objs] == expected
