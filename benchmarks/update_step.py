@@ -63,6 +63,20 @@ def make_tree(case: str) -> dict[str, np.ndarray]:
     return {k: rng.standard_normal(s, dtype=np.float32) * 0.02 for k, s in shapes.items()}
 
 
+def compiled_runner(step, params, state, grads):
+    """Compile the donated `step` once (timed apart) and return (run one step, compile s)."""
+    start = time.perf_counter()
+    compiled = step.lower(params, state, grads).compile()
+    compile_s = time.perf_counter() - start
+    carry = [params, state]
+
+    def run():
+        carry[0], carry[1] = compiled(carry[0], carry[1], grads)
+        jax.block_until_ready(carry)
+
+    return run, compile_s
+
+
 def jax_step(tx: optax.GradientTransformation, params_np, grads_np):
     """(jitted donated step, initial carry, compile seconds)."""
     params = jax.tree.map(jnp.asarray, params_np)
@@ -74,16 +88,7 @@ def jax_step(tx: optax.GradientTransformation, params_np, grads_np):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    start = time.perf_counter()
-    compiled = step.lower(params, state, grads).compile()
-    compile_s = time.perf_counter() - start
-    carry = [params, state]
-
-    def run():
-        carry[0], carry[1] = compiled(carry[0], carry[1], grads)
-        jax.block_until_ready(carry)
-
-    return run, compile_s
+    return compiled_runner(step, params, state, grads)
 
 
 def jax_flat_step(tx: optax.GradientTransformation, params_np, grads_np):
@@ -103,16 +108,7 @@ def jax_flat_step(tx: optax.GradientTransformation, params_np, grads_np):
         updates, state = tx.update(layout.ravel(grads), state, params)
         return optax.apply_updates(params, updates), state
 
-    start = time.perf_counter()
-    compiled = step.lower(params, state, grads).compile()
-    compile_s = time.perf_counter() - start
-    carry = [params, state]
-
-    def run():
-        carry[0], carry[1] = compiled(carry[0], carry[1], grads)
-        jax.block_until_ready(carry)
-
-    return run, compile_s
+    return compiled_runner(step, params, state, grads)
 
 
 def packed_step(params_np, grads_np):
