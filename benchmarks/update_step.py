@@ -13,7 +13,11 @@ jitted and donated in XLA, `x.add_(1)` in torch).
 All JAX steps are jitted with the parameters and the state donated (without
 donation each step page-faults fresh buffers: 3x slower, FACTS.md). The
 contenders run interleaved, A B C A B C ..., and the table reports medians
-from this one run: these machines drift between runs.
+from this one run: these machines drift between runs. Within a round each
+contender first takes one untimed step, then the timed one: the step that runs
+right after another library's (XLA's or torch's thread pool winding down, the
+caches full of its buffers) is 10-30% slower whoever it is, and a training
+loop steps one optimizer back to back.
 """
 
 from __future__ import annotations
@@ -221,6 +225,7 @@ def main():
         times = {name: [] for name in runs}
         for rep in range(args.warmup + args.reps):
             for name, run in runs.items():  # interleaved: A B C ... A B C ...
+                run()  # untimed: absorbs the hand-over from the previous contender
                 start = time.perf_counter()
                 run()
                 if rep >= args.warmup:
