@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from jadam import _numerics as nx
+from jadam import _q8_kernel
 from jadam._storage import fold_key, leaf_keys, resolve_storage
 
 
@@ -174,6 +175,31 @@ def scale_by_adam(
         return state
 
     def leaf_update(g, mu, nu, *nu_max, count, key=None):
+        hyper = (b1, b2, eps, eps_root)
+        if not (amsgrad or nesterov) and _q8_kernel.applies(g, mu, nu, mu_store, nu_store, hyper):
+            return q8_leaf_update(g, mu, nu, count=count)
+        return jax_leaf_update(g, mu, nu, *nu_max, count=count, key=key)
+
+    def q8_leaf_update(g, mu, nu, *, count):
+        # Both moments in 8 bits: one pass on the CPU (`_q8_kernel`), the JAX path elsewhere.
+        bc1 = nx.one_minus_power(b1, count, jnp.float32)
+        bc2 = nx.one_minus_power(b2, count, jnp.float32)
+        eps_eff = eps / jnp.sqrt(bc2) if convention == "keras" else jnp.float32(eps)
+        return _q8_kernel.adam_q8_leaf(
+            g,
+            mu,
+            nu,
+            b1=b1,
+            b2=b2,
+            eps_root=eps_root,
+            block_size=mu_store.block_size,
+            inv_bc1=1 / bc1,
+            inv_bc2=1 / bc2,
+            eps=eps_eff,
+            jax_path=lambda: jax_leaf_update(g, mu, nu, count=count),
+        )
+
+    def jax_leaf_update(g, mu, nu, *nu_max, count, key=None):
         dtype = nx.compute_dtype(g.dtype)
         g32 = g.astype(dtype)
         m, v = update_moments(

@@ -23,32 +23,29 @@ where XLA contracts to FMA as the kernel does).
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import math
 import os
-import subprocess
-import tempfile
-import threading
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jadam import _native
 from jadam._fused import FlatLayout
 
 _SOURCE = r"""
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
 namespace ffi = xla::ffi;
-
+"""
+_SOURCE += (
+    _native.PARALLEL_CC
+    + r"""
 struct Hyper {
   float b1, omb1, b2, omb2, rbc1, rbc2, eps, eps_root, neglr;
 };
@@ -111,25 +108,10 @@ static ffi::Error AdamTreeImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
   const int64_t block = 1 << 16;
   const int64_t nblocks = (n + block - 1) / block;
   std::atomic<int64_t> next{0};
-  std::atomic<int64_t> left{threads - 1};
-  auto work = [=, &segs, &next] {
+  run_parallel(threads, pool, [=, &segs, &next] {
     for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1))
       seg_kernel(P, M, V, &segs, b * block, std::min(n, (b + 1) * block), h);
-  };
-  // The helpers run on XLA's own intra-op pool (its threads would otherwise
-  // spin beside ours); plain threads where it has none.
-  std::vector<std::thread> spawned;
-  for (int64_t t = 1; t < threads; ++t) {
-    auto task = [work, &left] {
-      work();
-      left.fetch_sub(1, std::memory_order_release);
-    };
-    if (pool.num_threads() > 0) pool.Schedule(decltype(task)(task));
-    else spawned.emplace_back(task);
-  }
-  work();
-  for (auto& t : spawned) t.join();
-  while (left.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  });
   return ffi::Error::Success();
 }
 
@@ -152,46 +134,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamTreeStep, AdamTreeImpl,
                                   .Attr<int64_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
 """
+)
 
 _TARGET = "jadam_packed_adam_step"
-_lock = threading.Lock()
-_status: dict[str, Any] = {}
 
 
 def _build() -> bool:
     """Compile, load and register the kernel once; False if that is impossible."""
-    with _lock:
-        if "ok" in _status:
-            return _status["ok"]
-        try:
-            cxx = os.environ.get("CXX", "g++")
-            flags = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast"]
-            flags += ["-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
-            key = hashlib.sha256((_SOURCE + cxx + " ".join(flags) + jax.__version__).encode())
-            cache = os.path.join(
-                os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jadam"
-            )
-            os.makedirs(cache, exist_ok=True)
-            lib_path = os.path.join(cache, f"packed_adam_{key.hexdigest()[:16]}.so")
-            if not os.path.exists(lib_path):
-                with tempfile.TemporaryDirectory() as tmp:
-                    src = os.path.join(tmp, "packed_adam.cc")
-                    with open(src, "w") as f:
-                        f.write(_SOURCE)
-                    out = os.path.join(tmp, "packed_adam.so")
-                    subprocess.run(
-                        [cxx, *flags, f"-I{jax.ffi.include_dir()}", src, "-o", out],
-                        check=True,
-                        capture_output=True,
-                    )
-                    os.replace(out, lib_path)
-            lib = ctypes.cdll.LoadLibrary(lib_path)
-            capsule = jax.ffi.pycapsule(lib.AdamTreeStep)
-            jax.ffi.register_ffi_target(_TARGET, capsule, platform="cpu")
-            _status["ok"] = True
-        except (OSError, subprocess.CalledProcessError) as err:
-            _status["ok"], _status["error"] = False, err
-        return _status["ok"]
+    flags = ("-ffp-contract=fast", "-fopenmp-simd")
+    return _native.load("packed_adam", _SOURCE, {"AdamTreeStep": _TARGET}, flags)
 
 
 def packed_native_available() -> bool:

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import jadam
-from jadam import _packed
+from jadam import _native
 
 
 def tree():
@@ -34,7 +34,7 @@ def grads_at(i, params):
 @pytest.mark.parametrize("native", [True, False])
 def test_packed_matches_adam_over_steps(native, monkeypatch):
     if not native:
-        monkeypatch.setitem(_packed._status, "ok", False)
+        monkeypatch.setitem(_native.loaded, "packed_adam", False)
     elif not jadam.packed_native_available():
         pytest.skip("no C++ compiler here")
     params = tree()
