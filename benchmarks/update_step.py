@@ -10,6 +10,9 @@ roofline, and ratios to every peer. The roofline is the faster of two
 streaming kernels moving the same 28 bytes per parameter in place (`x + 1`
 jitted and donated in XLA, `x.add_(1)` in torch).
 
+Rows "N steps in a scan" run N steps inside one jitted `lax.scan`, as
+`Trainer.fit` does, and report the time per step.
+
 All JAX steps are jitted with the parameters and the state donated (without
 donation each step page-faults fresh buffers: 3x slower, FACTS.md). The
 contenders run interleaved, A B C A B C ..., and the table reports medians
@@ -95,6 +98,30 @@ def jax_step(tx: optax.GradientTransformation, params_np, grads_np):
     return compiled_runner(step, params, state, grads)
 
 
+def jax_scan_steps(tx: optax.GradientTransformation, params_np, grads_np, steps: int):
+    """As `jax_step`, with `steps` steps in one jitted `lax.scan`, as `Trainer.fit` runs them.
+
+    One call takes `steps` steps; the table divides by `steps`. Inside the scan,
+    XLA allocates its temporaries once per call instead of once per step, so a
+    step whose update needs a temporary (q8's direction) stops paying for fresh
+    pages every step.
+    """
+    params = jax.tree.map(jnp.asarray, params_np)
+    grads = jax.tree.map(jnp.asarray, grads_np)
+    state = tx.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def run_steps(params, state, grads):
+        def body(carry, _):
+            params, state = carry
+            updates, state = tx.update(grads, state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        return jax.lax.scan(body, (params, state), None, length=steps)[0]
+
+    return compiled_runner(run_steps, params, state, grads)
+
+
 def jax_flat_step(tx: optax.GradientTransformation, params_np, grads_np):
     """As `jax_step`, with the parameters kept flat (`jadam.flat_layout`).
 
@@ -172,7 +199,7 @@ def torch_roofline_step(n_params: int):
     return run, 0.0
 
 
-def contenders(case: str, params, grads):
+def contenders(case: str, params, grads, scan: int):
     lr = 1e-3
     bf16 = jadam.StochasticRounding("bfloat16")
     storages = {
@@ -194,6 +221,16 @@ def contenders(case: str, params, grads):
             out[f"jadam {name}, flat params"] = lambda s=storage: jax_flat_step(
                 jadam.adam(lr, **s), params, grads
             )
+    if case != "many" and scan:  # 2,000 leaves: each scan would compile for ~30 s
+        for name, tx in [
+            ("optax.adam", optax.adam(lr)),
+            ("jadam f32", jadam.adam(lr)),
+            ("jadam q8 state", jadam.adam(lr, **storages["q8 state"])),
+        ]:
+            out[f"{name}, {scan} steps in a scan"] = lambda tx=tx: (
+                *jax_scan_steps(tx, params, grads, scan),
+                scan,
+            )
     native = "" if jadam.packed_native_available() else " (no compiler: JAX fallback)"
     out[f"jadam.packed_adam{native}"] = lambda: packed_step(params, grads)
     out["torch foreach"] = lambda: torch_step(params, grads, foreach=True)
@@ -206,6 +243,9 @@ def main():
     parser.add_argument("--cases", nargs="+", default=["large", "tree", "many"])
     parser.add_argument("--reps", type=int, default=15, help="timed rounds (A B C ... each)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument(
+        "--scan", type=int, default=8, help="steps per call of the lax.scan rows (0: none)"
+    )
     args = parser.parse_args()
     import torch
 
@@ -219,9 +259,10 @@ def main():
         params = make_tree(case)
         grads = {k: np.full_like(v, 1e-3) + 0.01 * v for k, v in params.items()}
         n = sum(p.size for p in params.values())
-        runs, compile_s = {}, {}
-        for name, build in contenders(case, params, grads).items():
-            runs[name], compile_s[name] = build()
+        runs, compile_s, steps = {}, {}, {}
+        for name, build in contenders(case, params, grads, args.scan).items():
+            runs[name], compile_s[name], *per_call = build()
+            steps[name] = per_call[0] if per_call else 1
         times = {name: [] for name in runs}
         for rep in range(args.warmup + args.reps):
             for name, run in runs.items():  # interleaved: A B C ... A B C ...
@@ -230,7 +271,7 @@ def main():
                 run()
                 if rep >= args.warmup:
                     times[name].append(time.perf_counter() - start)
-        ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        ms = {name: 1e3 * statistics.median(t) / steps[name] for name, t in times.items()}
         print(f"\n## {case}: {len(params)} leaves, {n:,} parameters, {args.reps} reps")
         peers = ["optax.adam", "torch foreach", "torch fused"]
         header = "| step | ms/step | GB/s @28B | of roofline | " + " | ".join(
