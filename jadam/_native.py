@@ -6,7 +6,7 @@ loop does one pass. Each kernel is a C++ source string in the module that
 uses it. `load(name, source, symbols)` compiles it once with the system C++
 compiler (`CXX`, else `g++`), caches the shared library under
 `$XDG_CACHE_HOME/jadam` (default `~/.cache/jadam`, keyed by a hash of the
-source, the flags and the jax version), and registers each exported handler
+source, the flags, the jax version and the CPU), and registers each exported handler
 as an XLA FFI target for the CPU. Where that fails (no compiler, no writable
 cache), `load` returns False and callers use their plain-JAX path, which
 computes the same thing.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import subprocess
 import tempfile
 import threading
@@ -38,8 +39,10 @@ def load(name: str, source: str, symbols: dict[str, str], flags: tuple[str, ...]
         try:
             cxx = os.environ.get("CXX", "g++")
             all_flags = [*FLAGS, *flags]
+            # -march=native: a library built on one CPU may not run on another
+            # that shares the cache directory, so the CPU is part of the key.
             key = hashlib.sha256(
-                (source + cxx + " ".join(all_flags) + jax.__version__).encode()
+                (source + cxx + " ".join(all_flags) + jax.__version__ + _cpu()).encode()
             ).hexdigest()[:16]
             cache = os.path.join(
                 os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jadam"
@@ -66,6 +69,16 @@ def load(name: str, source: str, symbols: dict[str, str], flags: tuple[str, ...]
         except (OSError, AttributeError, subprocess.CalledProcessError) as err:
             loaded[name], errors[name] = False, err
         return loaded[name]
+
+
+def _cpu() -> str:
+    """The CPU's model and feature flags (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.machine() + platform.processor()
 
 
 # `run_parallel(threads, pool, work)` calls `work()` on the caller and on up to

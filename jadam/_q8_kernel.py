@@ -3,8 +3,8 @@
 With `mu_dtype="q8", nu_dtype="q8"`, the plain-JAX update (decode, update the
 moments, take each block's maximum, encode, compute the direction) is what
 XLA runs on GPU and TPU. On the CPU, XLA splits it into a dozen loops,
-materialises both float32 moments and copies the code arrays: 6-12x slower
-than a float32 step and more temporary memory than float32 state saves.
+materialises both float32 moments and copies the code arrays: about 6x
+slower than a float32 step, with more temporaries than float32 state saves.
 This kernel walks the moments block by block instead: each 256-entry block is
 decoded, updated, re-encoded and turned into the direction while it sits in
 cache, so the step reads g and 2 bytes of codes and writes the direction and
