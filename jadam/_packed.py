@@ -11,14 +11,15 @@ a small C++ loop (vectorized, split over threads) that reads p, g, m, v and
 writes p, m, v once, taking the gradients leaf by leaf (no concatenation).
 
 This is NOT an optax transformation: it owns the parameters (read them back
-with `params(state)`), supports only float32 parameters, the optax
-convention of plain Adam (no weight decay, schedules or AMSGrad), CPU only,
-and no `vmap`/`grad` through the step. The kernel is compiled with the
+with `params(state)`), supports only float32 parameters and the optax
+convention of Adam / AdamW (schedules and a decay mask, no L2 or AMSGrad),
+runs its native kernel on the CPU only, and allows no `vmap`/`grad` through
+the step. The kernel is compiled with the
 system C++ compiler (`CXX`, else `g++`) on first use and cached under
 `$XDG_CACHE_HOME/jadam` (default `~/.cache/jadam`); where that
 fails, `step` falls back to the same arithmetic in plain JAX (correct, at
-optax speed). Results equal `jadam.adam` to float32 rounding (bit for bit
-where XLA contracts to FMA as the kernel does).
+optax speed). Results equal `jadam.adam` / `jadam.adamw` to float32 rounding
+(bit for bit where XLA contracts to FMA as the kernel does).
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ struct Hyper {
   float b1, omb1, b2, omb2, rbc1, rbc2, eps, eps_root, neglr;
 };
 
-// p, m, v updated in place over [lo, hi); g is indexed like p.
+// p, m, v updated in place over [lo, hi); g is indexed like p. `wd`: decoupled weight
+// decay, p += -lr * (direction + wd * p) (0: plain Adam, the same value to the bit).
 static void kernel(float* p, float* m, float* v, const float* g, int64_t lo, int64_t hi,
-                   Hyper h) {
+                   Hyper h, float wd) {
 #pragma omp simd
   for (int64_t i = lo; i < hi; ++i) {
     float gi = g[i];
@@ -61,27 +63,29 @@ static void kernel(float* p, float* m, float* v, const float* g, int64_t lo, int
     float d = (mi * h.rbc1) / (std::sqrt(vi * h.rbc2 + h.eps_root) + h.eps);
     m[i] = mi;
     v[i] = vi;
-    p[i] = p[i] + d * h.neglr;
+    p[i] = p[i] + (d + wd * p[i]) * h.neglr;
   }
 }
 
 struct Seg {
   const float* g;
   int64_t off, len;
+  float wd;
 };
 
 static void seg_kernel(float* p, float* m, float* v, const std::vector<Seg>* segs, int64_t lo,
                        int64_t hi, Hyper h) {
   for (const Seg& s : *segs) {
     int64_t a = std::max(lo, s.off), b = std::min(hi, s.off + s.len);
-    if (a < b) kernel(p, m, v, s.g - s.off, a, b, h);  // g[i - off] for i in [a, b)
+    if (a < b) kernel(p, m, v, s.g - s.off, a, b, h, s.wd);  // g[i - off], i in [a, b)
   }
 }
 
 static ffi::Error AdamTreeImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
                                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> sc,
-                               ffi::RemainingArgs grads, ffi::ResultBuffer<ffi::F32> po,
-                               ffi::ResultBuffer<ffi::F32> mo, ffi::ResultBuffer<ffi::F32> vo,
+                               ffi::Buffer<ffi::F32> decays, ffi::RemainingArgs grads,
+                               ffi::ResultBuffer<ffi::F32> po, ffi::ResultBuffer<ffi::F32> mo,
+                               ffi::ResultBuffer<ffi::F32> vo,
                                float b1, float omb1, float b2, float omb2, float eps,
                                float eps_root, int64_t threads, ffi::ThreadPool pool) {
   int64_t n = p.element_count();
@@ -90,16 +94,19 @@ static ffi::Error AdamTreeImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
   float* V = vo->typed_data();
   if (P != p.typed_data() || M != m.typed_data() || V != v.typed_data())
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "outputs must alias inputs");
+  if (decays.element_count() != grads.size())
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "one decay flag per gradient");
+  const float* s = sc.typed_data();  // 1 / (1 - b1^t), 1 / (1 - b2^t), -lr, weight decay
   std::vector<Seg> segs;
   int64_t off = 0;
   for (size_t k = 0; k < grads.size(); ++k) {
     auto g = grads.get<ffi::Buffer<ffi::F32>>(k);
     if (!g.has_value()) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "f32 grads only");
-    segs.push_back({g->typed_data(), off, (int64_t)g->element_count()});
+    segs.push_back({g->typed_data(), off, (int64_t)g->element_count(),
+                    s[3] * decays.typed_data()[k]});
     off += g->element_count();
   }
   if (off != n) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "grad sizes differ");
-  const float* s = sc.typed_data();
   Hyper h{b1, omb1, b2, omb2, s[0], s[1], eps, eps_root, s[2]};
   threads = std::max<int64_t>(1, std::min<int64_t>(threads, 64));
   if (n < (1 << 16)) threads = 1;
@@ -117,6 +124,7 @@ static ffi::Error AdamTreeImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamTreeStep, AdamTreeImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -162,16 +170,25 @@ class PackedAdamState(NamedTuple):
 class PackedAdam:
     """Built by `packed_adam`; see there."""
 
-    def __init__(self, learning_rate, b1, b2, eps, eps_root, threads):
+    def __init__(self, learning_rate, b1, b2, eps, eps_root, weight_decay, mask, threads):
         self.lr, self.b1, self.b2, self.eps, self.eps_root = learning_rate, b1, b2, eps, eps_root
+        self.weight_decay, self.mask = weight_decay, mask
         self.threads = threads or os.cpu_count() or 1
         self.layout: FlatLayout | None = None
+        self.decays: np.ndarray | None = None  # per non-None leaf: 1.0 decays, 0.0 not
 
     def init(self, params: Any) -> PackedAdamState:
         """Flatten `params` (float32 leaves only) into a fresh state."""
         layout = FlatLayout(params)
         if set(layout.groups) - {"float32"}:
             raise TypeError(f"packed_adam takes float32 parameters only, got {set(layout.groups)}")
+        mask = self.mask(params) if callable(self.mask) else self.mask
+        leaves = layout.treedef.flatten_up_to(params)
+        flags = [True] * len(leaves) if mask is None else layout.treedef.flatten_up_to(mask)
+        self.decays = np.array(
+            [float(bool(f)) for f, p in zip(flags, leaves, strict=True) if p is not None],
+            np.float32,
+        )
         self.layout = layout
         flat = layout.ravel(params).get("float32", jnp.zeros(0, jnp.float32))
         zeros = jnp.zeros_like(flat)
@@ -192,13 +209,17 @@ class PackedAdam:
         leaves = [g for g in layout.treedef.flatten_up_to(grads) if g is not None]
         if any(jnp.dtype(g.dtype) != jnp.float32 for g in leaves):
             raise TypeError("packed_adam takes float32 gradients only")
+        # Schedules see the steps taken before this one, as optax's do.
+        lr = self.lr(state.count) if callable(self.lr) else self.lr
+        wd = self.weight_decay(state.count) if callable(self.weight_decay) else self.weight_decay
         count = jnp.where(state.count < jnp.iinfo(jnp.int32).max, state.count + 1, state.count)
         c = count.astype(jnp.float32)
         inv_bc1 = 1.0 / -jnp.expm1(c * math.log(self.b1)) if self.b1 else jnp.float32(1)
         inv_bc2 = 1.0 / -jnp.expm1(c * math.log(self.b2)) if self.b2 else jnp.float32(1)
-        neg_lr = jnp.asarray(-self.lr, jnp.float32)
+        neg_lr = -jnp.asarray(lr, jnp.float32)
+        wd = jnp.asarray(wd, jnp.float32)
         if _build() and jax.default_backend() == "cpu" and state.params.size:
-            scalars = jnp.stack([inv_bc1, inv_bc2, neg_lr]).astype(jnp.float32)
+            scalars = jnp.stack([inv_bc1, inv_bc2, neg_lr, wd]).astype(jnp.float32)
             out = (jax.ShapeDtypeStruct(state.params.shape, jnp.float32),) * 3
             call = jax.ffi.ffi_call(_TARGET, out, input_output_aliases={0: 0, 1: 1, 2: 2})
             p, m, v = call(
@@ -206,6 +227,7 @@ class PackedAdam:
                 state.mu,
                 state.nu,
                 scalars,
+                jnp.asarray(self.decays),
                 *[g.reshape(-1) for g in leaves],
                 b1=np.float32(self.b1),
                 omb1=np.float32(1.0 - self.b1),
@@ -220,24 +242,41 @@ class PackedAdam:
         m = self.b1 * state.mu + (1.0 - self.b1) * g
         v = self.b2 * state.nu + (1.0 - self.b2) * (g * g)
         d = (m * inv_bc1) / (jnp.sqrt(v * inv_bc2 + self.eps_root) + self.eps)
-        return PackedAdamState(count, state.params + d * neg_lr, m, v)
+        sizes = [math.prod(s) for s in layout.shapes if s is not None]
+        decays = jnp.repeat(self.decays, np.array(sizes), total_repeat_length=g.size)
+        decay = wd * decays
+        return PackedAdamState(count, state.params + (d + decay * state.params) * neg_lr, m, v)
 
 
 def packed_adam(
-    learning_rate: float = 1e-3,
+    learning_rate: Any = 1e-3,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
     *,
+    weight_decay: Any = 0.0,
+    mask: Any = None,
     threads: int | None = None,
 ) -> PackedAdam:
-    """Plain Adam on packed float32 state, one pass over memory per step (CPU).
+    """Adam / AdamW on packed float32 state, one pass over memory per step (CPU).
 
-    Same formulas as `jadam.adam` (optax convention). Returns an object with
-    `init(params) -> state`, a jittable `step(state, grads) -> state` (grads
-    shaped like the params) and `params(state) -> tree`. Not an optax
-    transformation; see the module docstring for what it leaves out.
+    Same formulas as `jadam.adam` (optax convention) and, with `weight_decay`,
+    `jadam.adamw`: `p -= learning_rate * (direction + weight_decay * p)`.
+    Returns an object with `init(params) -> state`, a jittable
+    `step(state, grads) -> state` (grads shaped like the params) and
+    `params(state) -> tree`. Not an optax transformation; see the module
+    docstring for what it leaves out.
+
+    Args:
+      learning_rate: step size, >= 0, or an optax schedule (called with the
+        number of steps taken before this one, as optax does).
+      b1, b2: decays of the moments, in [0, 1).
+      eps, eps_root: added to the denominator / inside its square root, >= 0.
+      weight_decay: decoupled weight decay, >= 0, or a schedule (0: plain Adam).
+      mask: which leaves decay: a pytree of booleans shaped like the params, or
+        a function of the params returning one (as `optax.add_decayed_weights`).
+      threads: CPU threads for the kernel (default: all cores).
 
     Example:
       >>> import functools, jax, jax.numpy as jnp, jadam
@@ -248,11 +287,14 @@ def packed_adam(
       >>> opt.params(state)["w"]
       Array([ 0.9, -1.9], dtype=float32)
     """
-    for name, value in [("learning_rate", learning_rate), ("eps", eps), ("eps_root", eps_root)]:
+    for name, value in [("learning_rate", learning_rate), ("weight_decay", weight_decay)]:
+        if not callable(value) and (not isinstance(value, (int, float)) or value < 0):
+            raise ValueError(f"{name} must be a number >= 0 or a schedule, got {value!r}")
+    for name, value in [("eps", eps), ("eps_root", eps_root)]:
         if not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
     for name, value in [("b1", b1), ("b2", b2)]:
         if not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    hyper = (float(learning_rate), float(b1), float(b2), float(eps), float(eps_root))
-    return PackedAdam(*hyper, threads)
+    hyper = (float(b1), float(b2), float(eps), float(eps_root))
+    return PackedAdam(learning_rate, *hyper, weight_decay, mask, threads)
