@@ -89,16 +89,19 @@ def update_moments(g, mu, nu, *, b1, b2, dtype):
     return m, v
 
 
-def adam_denominator(v_hat, bc2, *, eps, eps_root, eps_on_raw_moment):
-    """`sqrt(v_hat + eps_root) + eps`, with epsilon where the convention puts it.
+def effective_eps(eps, bc2, *, eps_on_raw_moment):
+    """Epsilon as added after the bias correction, wherever the convention puts it.
 
     Keras' Adam (and PyTorch's RAdam) add epsilon to the square root of the
     *raw* second moment (`eps_on_raw_moment`), which equals adding
     `eps / sqrt(1 - b2**t)` after the bias correction: a larger epsilon early on.
     """
-    if eps_on_raw_moment:
-        eps = eps / jnp.sqrt(bc2)
-    return jnp.sqrt(v_hat + eps_root) + eps
+    return eps / jnp.sqrt(bc2) if eps_on_raw_moment else eps
+
+
+def adam_denominator(v_hat, bc2, *, eps, eps_root, eps_on_raw_moment):
+    """`sqrt(v_hat + eps_root) + eps`, with epsilon where the convention puts it."""
+    return jnp.sqrt(v_hat + eps_root) + effective_eps(eps, bc2, eps_on_raw_moment=eps_on_raw_moment)
 
 
 def scale_by_adam(
@@ -184,7 +187,7 @@ def scale_by_adam(
         # Both moments in 8 bits: one pass on the CPU (`_q8_kernel`), the JAX path elsewhere.
         bc1 = nx.one_minus_power(b1, count, jnp.float32)
         bc2 = nx.one_minus_power(b2, count, jnp.float32)
-        eps_eff = eps / jnp.sqrt(bc2) if convention == "keras" else jnp.float32(eps)
+        eps_eff = effective_eps(eps, bc2, eps_on_raw_moment=convention == "keras")
         return _q8_kernel.adam_q8_leaf(
             g,
             mu,
@@ -195,7 +198,7 @@ def scale_by_adam(
             block_size=mu_store.block_size,
             inv_bc1=1 / bc1,
             inv_bc2=1 / bc2,
-            eps=eps_eff,
+            eps=jnp.float32(eps_eff),
             jax_path=lambda: jax_leaf_update(g, mu, nu, count=count),
         )
 
