@@ -41,6 +41,16 @@ OPTIONS = {
 }
 
 
+PACKED = ("float32", "q8")  # jadam.packed_adam(moments=...)
+
+
+def packed_bytes_per_param(opt, params) -> float:
+    """Moment bytes per parameter of `jadam.packed_adam` (its state also holds the params)."""
+    state = jax.eval_shape(opt.init, params)
+    nbytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state[2:]))
+    return nbytes / sum(p.size for p in jax.tree.leaves(params))
+
+
 def state_bytes_per_param(options: dict, params) -> float:
     state = jax.eval_shape(jadam.adam(1e-3, **options).init, params)
     nbytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
@@ -78,6 +88,10 @@ def main() -> None:
             f"| {name} | {state_bytes_per_param(options, large):.3f} | "
             f"{state_bytes_per_param(options, tree):.3f} |"
         )
+    for moments in PACKED:
+        opt = jadam.packed_adam(1e-3, moments=moments)
+        row = [packed_bytes_per_param(opt, params) for params in (large, tree)]
+        print(f"| packed_adam(moments={moments!r}) | {row[0]:.3f} | {row[1]:.3f} |")
     print("\n## XLA's buffers for one donated step on the tree (compiled.memory_analysis())\n")
     print("| storage | state MiB | temporaries MiB | temporaries B/param |")
     print("|---|---|---|---|")
@@ -93,6 +107,16 @@ def main() -> None:
         stats = jitted.lower(tree, state, tree).compile().memory_analysis()
         state_mib = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state)) / 2**20
         temp = stats.temp_size_in_bytes
+        print(f"| {name} | {state_mib:.0f} | {temp / 2**20:.0f} | {temp / n_tree:.2f} |")
+    for moments in PACKED:
+        opt = jadam.packed_adam(1e-3, moments=moments)
+        state = jax.eval_shape(opt.init, tree)
+        jitted = jax.jit(opt.step, donate_argnums=0)
+        temp = jitted.lower(state, tree).compile().memory_analysis().temp_size_in_bytes
+        state_mib = (
+            sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state[2:])) / 2**20
+        )  # moments only, as above (packed_adam also holds the flat parameters)
+        name = f"packed_adam(moments={moments!r})"
         print(f"| {name} | {state_mib:.0f} | {temp / 2**20:.0f} | {temp / n_tree:.2f} |")
     print("\n## Peak process memory, init + 2 donated steps on the tree (fresh process each)\n")
     print("| run | peak RSS MiB | over params only |")

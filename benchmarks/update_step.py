@@ -146,12 +146,12 @@ def jax_flat_step(tx: optax.GradientTransformation, params_np, grads_np, flat_gr
     return compiled_runner(step, params, state, grads)
 
 
-def packed_step(params_np, grads_np):
+def packed_step(params_np, grads_np, moments="float32"):
     """`jadam.packed_adam`: flat p, m, v updated in place by one native pass.
 
     The gradients arrive as a tree and are read leaf by leaf (no concatenation).
     """
-    opt = jadam.packed_adam(1e-3)
+    opt = jadam.packed_adam(1e-3, moments=moments)
     state = opt.init(jax.tree.map(jnp.asarray, params_np))
     grads = jax.tree.map(jnp.asarray, grads_np)
     step = jax.jit(opt.step, donate_argnums=0)
@@ -240,6 +240,7 @@ def contenders(case: str, params, grads, scan: int):
             )
     native = "" if jadam.packed_native_available() else " (no compiler: JAX fallback)"
     out[f"jadam.packed_adam{native}"] = lambda: packed_step(params, grads)
+    out[f"jadam.packed_adam, q8 moments{native}"] = lambda: packed_step(params, grads, "q8")
     out["torch foreach"] = lambda: torch_step(params, grads, foreach=True)
     out["torch fused"] = lambda: torch_step(params, grads, fused=True)
     return out

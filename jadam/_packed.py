@@ -32,13 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jadam import _native
+from jadam import _native, _q8_kernel
 from jadam._fused import FlatLayout
+from jadam._quantize import SIGNED_MAP, UNSIGNED_MAP, QuantizedMoment, dequantize, quantize
 
 _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -46,6 +48,7 @@ namespace ffi = xla::ffi;
 """
 _SOURCE += (
     _native.PARALLEL_CC
+    + _q8_kernel.CODES_CC
     + r"""
 struct Hyper {
   float b1, omb1, b2, omb2, rbc1, rbc2, eps, eps_root, neglr;
@@ -81,6 +84,23 @@ static void seg_kernel(float* p, float* m, float* v, const std::vector<Seg>* seg
   }
 }
 
+// The gradient leaves, in order, as segments of the flat vector of n entries.
+static ffi::Error collect_segments(ffi::Buffer<ffi::F32>& decays, ffi::RemainingArgs& grads,
+                                   float wd, int64_t n, std::vector<Seg>& segs) {
+  if (decays.element_count() != grads.size())
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "one decay flag per gradient");
+  int64_t off = 0;
+  for (size_t k = 0; k < grads.size(); ++k) {
+    auto g = grads.get<ffi::Buffer<ffi::F32>>(k);
+    if (!g.has_value()) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "f32 grads only");
+    segs.push_back({g->typed_data(), off, (int64_t)g->element_count(),
+                    wd * decays.typed_data()[k]});
+    off += g->element_count();
+  }
+  if (off != n) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "grad sizes differ");
+  return ffi::Error::Success();
+}
+
 static ffi::Error AdamTreeImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
                                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> sc,
                                ffi::Buffer<ffi::F32> decays, ffi::RemainingArgs grads,
@@ -94,19 +114,10 @@ static ffi::Error AdamTreeImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
   float* V = vo->typed_data();
   if (P != p.typed_data() || M != m.typed_data() || V != v.typed_data())
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "outputs must alias inputs");
-  if (decays.element_count() != grads.size())
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "one decay flag per gradient");
   const float* s = sc.typed_data();  // 1 / (1 - b1^t), 1 / (1 - b2^t), -lr, weight decay
   std::vector<Seg> segs;
-  int64_t off = 0;
-  for (size_t k = 0; k < grads.size(); ++k) {
-    auto g = grads.get<ffi::Buffer<ffi::F32>>(k);
-    if (!g.has_value()) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "f32 grads only");
-    segs.push_back({g->typed_data(), off, (int64_t)g->element_count(),
-                    s[3] * decays.typed_data()[k]});
-    off += g->element_count();
-  }
-  if (off != n) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "grad sizes differ");
+  ffi::Error err = collect_segments(decays, grads, s[3], n, segs);
+  if (err.failure()) return err;
   Hyper h{b1, omb1, b2, omb2, s[0], s[1], eps, eps_root, s[2]};
   threads = std::max<int64_t>(1, std::min<int64_t>(threads, 64));
   if (n < (1 << 16)) threads = 1;
@@ -141,16 +152,137 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamTreeStep, AdamTreeImpl,
                                   .Attr<float>("eps_root")
                                   .Attr<int64_t>("threads")
                                   .Ctx<ffi::ThreadPool>());
+
+// q8 moments: the blockwise 8-bit format of jadam.Quantized (block `block`) over the flat
+// vectors. One block: gather its gradients (a block may span leaves), decode and update
+// the moments, take the block maxima, encode, and apply the step to p.
+struct HyperQ8 {
+  float b1, omb1, b2, omb2, rbc1, rbc2, eps, eps_root, neglr, top;
+};
+
+static void q8_block(float* p, uint8_t* mc, float* ms, uint8_t* vc, float* vs,
+                     const std::vector<Seg>& segs, int64_t b, int64_t lo, int64_t hi,
+                     const HyperQ8& h, float* g, float* wd, float* m, float* v) {
+  const int64_t len = hi - lo;
+  size_t k = std::upper_bound(segs.begin(), segs.end(), lo,
+                              [](int64_t i, const Seg& s) { return i < s.off; }) -
+             segs.begin() - 1;
+  for (int64_t i = lo; i < hi; ++k) {
+    const Seg& s = segs[k];
+    for (const int64_t end = std::min(hi, s.off + s.len); i < end; ++i) {
+      g[i - lo] = s.g[i - s.off];
+      wd[i - lo] = s.wd;
+    }
+  }
+  const float sm = ms[b], sv = vs[b];
+  const float* mu_value = tables.mu;
+  const float* nu_value = tables.nu;
+  uint32_t am = 0, av = 0;  // max |x| as bit patterns: a NaN wins, as in jnp.max
+#pragma omp simd reduction(max : am, av)
+  for (int64_t i = 0; i < len; ++i) {
+    float gi = g[i];
+    float mi = h.b1 * (mu_value[mc[lo + i]] * sm) + h.omb1 * gi;
+    float vi = h.b2 * (nu_value[vc[lo + i]] * sv) + h.omb2 * (gi * gi);
+    m[i] = mi;
+    v[i] = vi;
+    am = std::max(am, bits_of(mi) & 0x7FFFFFFFu);
+    av = std::max(av, bits_of(vi) & 0x7FFFFFFFu);
+  }
+  const float new_sm = float_of(am) / h.top, new_sv = float_of(av) / h.top;
+  const float inv_m = new_sm > 0.0f ? 1.0f / new_sm : 0.0f;
+  const float inv_v = new_sv > 0.0f ? 1.0f / new_sv : 0.0f;
+  ms[b] = new_sm;
+  vs[b] = new_sv;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    mc[lo + i] = MuCode::encode(m[i] * inv_m);
+    vc[lo + i] = NuCode::encode(v[i] * inv_v);
+    float d = (m[i] * h.rbc1) / (std::sqrt(v[i] * h.rbc2 + h.eps_root) + h.eps);
+    p[lo + i] = p[lo + i] + (d + wd[i] * p[lo + i]) * h.neglr;
+  }
+}
+
+static ffi::Error AdamQ8TreeImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::U8> mc_in,
+                                 ffi::Buffer<ffi::F32> ms_in, ffi::Buffer<ffi::U8> vc_in,
+                                 ffi::Buffer<ffi::F32> vs_in, ffi::Buffer<ffi::F32> sc,
+                                 ffi::Buffer<ffi::F32> decays, ffi::RemainingArgs grads,
+                                 ffi::ResultBuffer<ffi::F32> po, ffi::ResultBuffer<ffi::U8> mc,
+                                 ffi::ResultBuffer<ffi::F32> ms, ffi::ResultBuffer<ffi::U8> vc,
+                                 ffi::ResultBuffer<ffi::F32> vs, float b1, float omb1, float b2,
+                                 float omb2, float eps, float eps_root, float top, int64_t block,
+                                 int64_t threads, ffi::ThreadPool pool) {
+  const int64_t n = p.element_count();
+  const int64_t nblocks = (n + block - 1) / block;
+  if (block <= 0 || ms->element_count() != nblocks || vs->element_count() != nblocks ||
+      mc->element_count() != n || vc->element_count() != n)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "codes/scales do not match the block");
+  if (po->typed_data() != p.typed_data() || mc->typed_data() != mc_in.typed_data() ||
+      ms->typed_data() != ms_in.typed_data() || vc->typed_data() != vc_in.typed_data() ||
+      vs->typed_data() != vs_in.typed_data())
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "outputs must alias inputs");
+  const float* s = sc.typed_data();  // 1 / (1 - b1^t), 1 / (1 - b2^t), -lr, weight decay
+  std::vector<Seg> segs;
+  ffi::Error err = collect_segments(decays, grads, s[3], n, segs);
+  if (err.failure()) return err;
+  const HyperQ8 h{b1, omb1, b2, omb2, s[0], s[1], eps, eps_root, s[2], top};
+  float* P = po->typed_data();
+  uint8_t* MC = mc->typed_data();
+  uint8_t* VC = vc->typed_data();
+  float* MS = ms->typed_data();
+  float* VS = vs->typed_data();
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, 64));
+  if (n < (1 << 16)) threads = 1;
+  const int64_t chunk = std::max<int64_t>(1, (1 << 16) / block);  // blocks per grab
+  std::atomic<int64_t> next{0};
+  run_parallel(threads, pool, [=, &segs, &next] {
+    std::vector<float> scratch(4 * block);
+    float* sp = scratch.data();
+    for (int64_t c = next.fetch_add(chunk); c < nblocks; c = next.fetch_add(chunk))
+      for (int64_t b = c; b < std::min(nblocks, c + chunk); ++b)
+        q8_block(P, MC, MS, VC, VS, segs, b, b * block, std::min(n, (b + 1) * block), h, sp,
+                 sp + block, sp + 2 * block, sp + 3 * block);
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamQ8TreeStep, AdamQ8TreeImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("b1")
+                                  .Attr<float>("omb1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("omb2")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("eps_root")
+                                  .Attr<float>("top")
+                                  .Attr<int64_t>("block")
+                                  .Attr<int64_t>("threads")
+                                  .Ctx<ffi::ThreadPool>());
 """
 )
 
 _TARGET = "jadam_packed_adam_step"
+_TARGET_Q8 = "jadam_packed_adam_q8_step"
 
 
 def _build() -> bool:
-    """Compile, load and register the kernel once; False if that is impossible."""
-    flags = ("-ffp-contract=fast", "-fopenmp-simd")
-    return _native.load("packed_adam", _SOURCE, {"AdamTreeStep": _TARGET}, flags)
+    """Compile, load and register the kernels once; False if that is impossible."""
+    # No FMA contraction: XLA's roundings, so q8 codes match the JAX path's.
+    flags = ("-ffp-contract=off", "-fopenmp-simd")
+    symbols = {"AdamTreeStep": _TARGET, "AdamQ8TreeStep": _TARGET_Q8}
+    return _native.load("packed_adam", _SOURCE, symbols, flags)
 
 
 def packed_native_available() -> bool:
@@ -159,20 +291,27 @@ def packed_native_available() -> bool:
 
 
 class PackedAdamState(NamedTuple):
-    """State of `packed_adam`: step count and flat float32 p, m, v."""
+    """State of `packed_adam`: step count, flat float32 params and the two moments.
+
+    The moments are flat float32 vectors, or `QuantizedMoment`s of them with
+    `moments="q8"`.
+    """
 
     count: jax.Array  # shape=(), int32
     params: jax.Array  # flat float32 parameters
-    mu: jax.Array
-    nu: jax.Array
+    mu: Any
+    nu: Any
+
+
+Q8_BLOCK = 256  # jadam.Quantized's default block
 
 
 class PackedAdam:
     """Built by `packed_adam`; see there."""
 
-    def __init__(self, learning_rate, b1, b2, eps, eps_root, weight_decay, mask, threads):
+    def __init__(self, learning_rate, b1, b2, eps, eps_root, weight_decay, mask, moments, threads):
         self.lr, self.b1, self.b2, self.eps, self.eps_root = learning_rate, b1, b2, eps, eps_root
-        self.weight_decay, self.mask = weight_decay, mask
+        self.weight_decay, self.mask, self.moments = weight_decay, mask, moments
         self.threads = threads or os.cpu_count() or 1
         self.layout: FlatLayout | None = None
         self.decays: np.ndarray | None = None  # per non-None leaf: 1.0 decays, 0.0 not
@@ -191,8 +330,13 @@ class PackedAdam:
         )
         self.layout = layout
         flat = layout.ravel(params).get("float32", jnp.zeros(0, jnp.float32))
-        zeros = jnp.zeros_like(flat)
-        return PackedAdamState(jnp.zeros([], jnp.int32), flat, zeros, jnp.zeros_like(flat))
+        return PackedAdamState(jnp.zeros([], jnp.int32), flat, self._zeros(flat), self._zeros(flat))
+
+    def _zeros(self, flat: jax.Array) -> Any:
+        if self.moments == "q8":
+            blocks = -(-flat.size // Q8_BLOCK)
+            return QuantizedMoment(jnp.zeros(flat.shape, jnp.uint8), jnp.zeros(blocks, jnp.float32))
+        return jnp.zeros_like(flat)
 
     def params(self, state: PackedAdamState) -> Any:
         """The parameter tree (slices of the flat vector: free under jit)."""
@@ -216,36 +360,63 @@ class PackedAdam:
         c = count.astype(jnp.float32)
         inv_bc1 = 1.0 / -jnp.expm1(c * math.log(self.b1)) if self.b1 else jnp.float32(1)
         inv_bc2 = 1.0 / -jnp.expm1(c * math.log(self.b2)) if self.b2 else jnp.float32(1)
-        neg_lr = -jnp.asarray(lr, jnp.float32)
-        wd = jnp.asarray(wd, jnp.float32)
+        scalars = jnp.stack([inv_bc1, inv_bc2, -jnp.asarray(lr), jnp.asarray(wd)])
+        scalars = scalars.astype(jnp.float32)
         if _build() and jax.default_backend() == "cpu" and state.params.size:
-            scalars = jnp.stack([inv_bc1, inv_bc2, neg_lr, wd]).astype(jnp.float32)
-            out = (jax.ShapeDtypeStruct(state.params.shape, jnp.float32),) * 3
-            call = jax.ffi.ffi_call(_TARGET, out, input_output_aliases={0: 0, 1: 1, 2: 2})
-            p, m, v = call(
-                state.params,
-                state.mu,
-                state.nu,
-                scalars,
-                jnp.asarray(self.decays),
-                *[g.reshape(-1) for g in leaves],
-                b1=np.float32(self.b1),
-                omb1=np.float32(1.0 - self.b1),
-                b2=np.float32(self.b2),
-                omb2=np.float32(1.0 - self.b2),
-                eps=np.float32(self.eps),
-                eps_root=np.float32(self.eps_root),
-                threads=np.int64(self.threads),
+            return self._native_step(state, count, scalars, leaves)
+        return self._jax_step(state, count, scalars, layout.ravel(grads)["float32"])
+
+    def _native_step(self, state, count, scalars, leaves) -> PackedAdamState:
+        hyper = {
+            "b1": np.float32(self.b1),
+            "omb1": np.float32(1.0 - self.b1),
+            "b2": np.float32(self.b2),
+            "omb2": np.float32(1.0 - self.b2),
+            "eps": np.float32(self.eps),
+            "eps_root": np.float32(self.eps_root),
+            "threads": np.int64(self.threads),
+        }
+        decays, grads = jnp.asarray(self.decays), [g.reshape(-1) for g in leaves]
+        if self.moments == "q8":
+            mu, nu = state.mu, state.nu
+            out = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state.params, *mu, *nu)
             )
-            return PackedAdamState(count, p, m, v)
-        g = layout.ravel(grads)["float32"]  # fallback: the same arithmetic in XLA
-        m = self.b1 * state.mu + (1.0 - self.b1) * g
-        v = self.b2 * state.nu + (1.0 - self.b2) * (g * g)
+            call = jax.ffi.ffi_call(_TARGET_Q8, out, input_output_aliases={i: i for i in range(5)})
+            p, *codes = call(
+                state.params,
+                *mu,
+                *nu,
+                scalars,
+                decays,
+                *grads,
+                top=np.float32(_q8_kernel.SIGNED_MAP.top),
+                block=np.int64(Q8_BLOCK),
+                **hyper,
+            )
+            return PackedAdamState(
+                count, p, QuantizedMoment(*codes[:2]), QuantizedMoment(*codes[2:])
+            )
+        out = (jax.ShapeDtypeStruct(state.params.shape, jnp.float32),) * 3
+        call = jax.ffi.ffi_call(_TARGET, out, input_output_aliases={0: 0, 1: 1, 2: 2})
+        p, m, v = call(state.params, state.mu, state.nu, scalars, decays, *grads, **hyper)
+        return PackedAdamState(count, p, m, v)
+
+    def _jax_step(self, state, count, scalars, g) -> PackedAdamState:
+        """The kernels' arithmetic in plain JAX (no compiler, or not on a CPU)."""
+        inv_bc1, inv_bc2, neg_lr, wd = scalars
+        q8 = self.moments == "q8"
+        mu = dequantize(state.mu, SIGNED_MAP, Q8_BLOCK) if q8 else state.mu
+        nu = dequantize(state.nu, UNSIGNED_MAP, Q8_BLOCK) if q8 else state.nu
+        m = self.b1 * mu + (1.0 - self.b1) * g
+        v = self.b2 * nu + (1.0 - self.b2) * (g * g)
         d = (m * inv_bc1) / (jnp.sqrt(v * inv_bc2 + self.eps_root) + self.eps)
-        sizes = [math.prod(s) for s in layout.shapes if s is not None]
+        sizes = [math.prod(s) for s in self._layout().shapes if s is not None]
         decays = jnp.repeat(self.decays, np.array(sizes), total_repeat_length=g.size)
-        decay = wd * decays
-        return PackedAdamState(count, state.params + (d + decay * state.params) * neg_lr, m, v)
+        p = state.params + (d + wd * decays * state.params) * neg_lr
+        if q8:
+            m, v = quantize(m, SIGNED_MAP, Q8_BLOCK), quantize(v, UNSIGNED_MAP, Q8_BLOCK)
+        return PackedAdamState(count, p, m, v)
 
 
 def packed_adam(
@@ -257,6 +428,7 @@ def packed_adam(
     *,
     weight_decay: Any = 0.0,
     mask: Any = None,
+    moments: str = "float32",
     threads: int | None = None,
 ) -> PackedAdam:
     """Adam / AdamW on packed float32 state, one pass over memory per step (CPU).
@@ -276,6 +448,10 @@ def packed_adam(
       weight_decay: decoupled weight decay, >= 0, or a schedule (0: plain Adam).
       mask: which leaves decay: a pytree of booleans shaped like the params, or
         a function of the params returning one (as `optax.add_decayed_weights`).
+      moments: `"float32"`, or `"q8"` for both moments in blockwise 8 bits over
+        the flat vector (`jadam.Quantized`'s format and 256-entry block; a block
+        may span two leaves): 2.03 bytes of state per parameter instead of 8,
+        and one pass reading 10 bytes and writing 6 per parameter.
       threads: CPU threads for the kernel (default: all cores).
 
     Example:
@@ -296,5 +472,7 @@ def packed_adam(
     for name, value in [("b1", b1), ("b2", b2)]:
         if not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    if moments not in ("float32", "q8"):
+        raise ValueError(f"moments must be 'float32' or 'q8', got {moments!r}")
     hyper = (float(b1), float(b2), float(eps), float(eps_root))
-    return PackedAdam(learning_rate, *hyper, weight_decay, mask, threads)
+    return PackedAdam(learning_rate, *hyper, weight_decay, mask, moments, threads)

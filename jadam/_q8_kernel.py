@@ -46,7 +46,8 @@ _SOURCE = r"""
 namespace ffi = xla::ffi;
 """
 _SOURCE += _native.PARALLEL_CC
-_SOURCE += r"""
+# The two 8-bit formats and their decode tables, shared with `_packed`'s q8 kernel.
+CODES_CC = r"""
 static inline uint32_t bits_of(float x) { uint32_t b; std::memcpy(&b, &x, 4); return b; }
 static inline float float_of(uint32_t b) { float x; std::memcpy(&x, &b, 4); return x; }
 
@@ -99,6 +100,9 @@ struct Tables {  // code -> value, for both formats
 };
 static const Tables tables;
 
+"""
+_SOURCE += CODES_CC
+_SOURCE += r"""
 struct Hyper {
   float b1, omb1, b2, omb2, rbc1, rbc2, eps, eps_root, top;
 };

@@ -116,3 +116,48 @@ def test_packed_rejects_bad_schedule_args():
         jadam.packed_adam(weight_decay=-1.0)
     with pytest.raises(ValueError, match="learning_rate"):
         jadam.packed_adam("fast")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_packed_q8_matches_adamw_q8_on_the_flat_vector(native, monkeypatch):
+    """moments="q8" is jadam.adamw with q8 moments on the flat parameter vector (blocks
+    run across leaf boundaries in both). Each run keeps its own state, and a code on a
+    rounding boundary may flip in one and not the other, parting the runs by about one
+    quantization step of that entry (1/16 of its moment: ~lr/10 per step), so: nearly
+    all entries equal to 1e-5, all within 6 such steps."""
+    if not native:
+        monkeypatch.setitem(_native.loaded, "packed_adam", False)
+    elif not jadam.packed_native_available():
+        pytest.skip("no C++ compiler here")
+    params = tree()
+    lr = 0.05
+    opt = jadam.packed_adam(lr, b2=0.99, weight_decay=0.1, moments="q8")
+    state = opt.init(params)
+    assert state.mu.codes.dtype == jnp.uint8 and state.mu.codes.size == state.params.size
+    layout = jadam.flat_layout(params)
+    ref_tx = jadam.adamw(lr, b2=0.99, weight_decay=0.1, mu_dtype="q8", nu_dtype="q8")
+    ref = layout.ravel(params)
+    ref_state = ref_tx.init(ref)
+
+    @jax.jit
+    def ref_step(params, state, grads):
+        updates, state = ref_tx.update(layout.ravel(grads), state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(opt.step, donate_argnums=0)
+    for i in range(6):
+        grads = grads_at(i, params)
+        state = step(state, grads)
+        ref, ref_state = ref_step(ref, ref_state, grads)
+    got, want = np.asarray(state.params), np.asarray(ref["float32"])
+    close = np.isclose(got, want, rtol=1e-5, atol=1e-6)
+    assert close.mean() >= 0.999, close.mean()
+    np.testing.assert_allclose(got, want, atol=6 * lr / 10)
+    ref_mu = ref_state[0].mu["float32"]
+    assert (np.asarray(state.mu.codes) != np.asarray(ref_mu.codes)).mean() <= 1e-3
+    np.testing.assert_allclose(state.mu.scales, ref_mu.scales, rtol=1e-2)
+
+
+def test_packed_rejects_unknown_moments():
+    with pytest.raises(ValueError, match="moments"):
+        jadam.packed_adam(moments="int4")
