@@ -1,25 +1,26 @@
-"""`packed_adam`: a float32 Adam step in one pass over memory (CPU, native kernel).
+"""`packed_adam`: an Adam / AdamW step in one pass over memory (CPU, native kernel).
 
 XLA's CPU backend compiles an Adam update-and-apply step into three loops
 (m, v, then p), about 40 bytes moved per parameter instead of 28, and no
 layout or flag changes that (measured: interleaved p/m/v buffers, chunked
 `fori_loop`/`scan` over an interleaved buffer were 4-8x *slower*, three
 updates per chunk copied the whole buffer every iteration, and no
-`--xla_cpu_*` flag helped). `packed_adam` keeps the parameters and both moments as three
-flat float32 vectors and updates them in place with one XLA FFI custom call:
-a small C++ loop (vectorized, split over threads) that reads p, g, m, v and
-writes p, m, v once, taking the gradients leaf by leaf (no concatenation).
+`--xla_cpu_*` flag helped). `packed_adam` keeps the parameters and both
+moments as flat vectors and updates them in place with one XLA FFI custom
+call: a small C++ loop (vectorized, split over threads) that reads p, g, m, v
+and writes p, m, v once, taking the gradients leaf by leaf (no
+concatenation). With `moments="q8"` the moments are blockwise 8-bit codes
+(`jadam.Quantized`'s format) decoded and re-encoded in the same pass.
 
 This is NOT an optax transformation: it owns the parameters (read them back
 with `params(state)`), supports only float32 parameters and the optax
 convention of Adam / AdamW (schedules and a decay mask, no L2 or AMSGrad),
 runs its native kernel on the CPU only, and allows no `vmap`/`grad` through
-the step. The kernel is compiled with the
-system C++ compiler (`CXX`, else `g++`) on first use and cached under
-`$XDG_CACHE_HOME/jadam` (default `~/.cache/jadam`); where that
-fails, `step` falls back to the same arithmetic in plain JAX (correct, at
-optax speed). Results equal `jadam.adam` / `jadam.adamw` to float32 rounding
-(bit for bit where XLA contracts to FMA as the kernel does).
+the step. The kernel is compiled with the system C++ compiler (`CXX`, else
+`g++`) on first use and cached under `$XDG_CACHE_HOME/jadam` (default
+`~/.cache/jadam`, see `_native`); where that fails, `step` falls back to the
+same arithmetic in plain JAX (correct, at optax speed). Results equal
+`jadam.adam` / `jadam.adamw` to float32 rounding.
 """
 
 from __future__ import annotations
