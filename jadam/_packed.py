@@ -158,13 +158,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamTreeStep, AdamTreeImpl,
 // vectors. One block: gather its gradients (a block may span leaves), decode and update
 // the moments, take the block maxima, encode, and apply the step to p.
 struct HyperQ8 {
-  float b1, omb1, b2, omb2, rbc1, rbc2, eps, eps_root, neglr, top;
+  MomentDecays decays;
+  float rbc1, rbc2, eps, eps_root, neglr;
 };
 
 static void q8_block(float* p, uint8_t* mc, float* ms, uint8_t* vc, float* vs,
                      const std::vector<Seg>& segs, int64_t b, int64_t lo, int64_t hi,
                      const HyperQ8& h, float* g, float* wd, float* m, float* v) {
-  const int64_t len = hi - lo;
   size_t k = std::upper_bound(segs.begin(), segs.end(), lo,
                               [](int64_t i, const Seg& s) { return i < s.off; }) -
              segs.begin() - 1;
@@ -175,32 +175,12 @@ static void q8_block(float* p, uint8_t* mc, float* ms, uint8_t* vc, float* vs,
       wd[i - lo] = s.wd;
     }
   }
-  const float sm = ms[b], sv = vs[b];
-  const float* mu_value = tables.mu;
-  const float* nu_value = tables.nu;
-  uint32_t am = 0, av = 0;  // max |x| as bit patterns: a NaN wins, as in jnp.max
-#pragma omp simd reduction(max : am, av)
-  for (int64_t i = 0; i < len; ++i) {
-    float gi = g[i];
-    float mi = h.b1 * (mu_value[mc[lo + i]] * sm) + h.omb1 * gi;
-    float vi = h.b2 * (nu_value[vc[lo + i]] * sv) + h.omb2 * (gi * gi);
-    m[i] = mi;
-    v[i] = vi;
-    am = std::max(am, bits_of(mi) & 0x7FFFFFFFu);
-    av = std::max(av, bits_of(vi) & 0x7FFFFFFFu);
-  }
-  const float new_sm = float_of(am) / h.top, new_sv = float_of(av) / h.top;
-  const float inv_m = new_sm > 0.0f ? 1.0f / new_sm : 0.0f;
-  const float inv_v = new_sv > 0.0f ? 1.0f / new_sv : 0.0f;
-  ms[b] = new_sm;
-  vs[b] = new_sv;
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    mc[lo + i] = MuCode::encode(m[i] * inv_m);
-    vc[lo + i] = NuCode::encode(v[i] * inv_v);
-    float d = (m[i] * h.rbc1) / (std::sqrt(v[i] * h.rbc2 + h.eps_root) + h.eps);
-    p[lo + i] = p[lo + i] + (d + wd[i] * p[lo + i]) * h.neglr;
-  }
+  float* pb = p + lo;
+  q8_block_update(g, mc + lo, ms[b], vc + lo, vs[b], hi - lo, h.decays, m, v,
+                  [&](int64_t i, float mi, float vi) {
+                    float d = (mi * h.rbc1) / (std::sqrt(vi * h.rbc2 + h.eps_root) + h.eps);
+                    pb[i] = pb[i] + (d + wd[i] * pb[i]) * h.neglr;
+                  });
 }
 
 static ffi::Error AdamQ8TreeImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::U8> mc_in,
@@ -225,7 +205,7 @@ static ffi::Error AdamQ8TreeImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::U8> m
   std::vector<Seg> segs;
   ffi::Error err = collect_segments(decays, grads, s[3], n, segs);
   if (err.failure()) return err;
-  const HyperQ8 h{b1, omb1, b2, omb2, s[0], s[1], eps, eps_root, s[2], top};
+  const HyperQ8 h{{b1, omb1, b2, omb2, top}, s[0], s[1], eps, eps_root, s[2]};
   float* P = po->typed_data();
   uint8_t* MC = mc->typed_data();
   uint8_t* VC = vc->typed_data();

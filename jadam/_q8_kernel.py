@@ -100,44 +100,61 @@ struct Tables {  // code -> value, for both formats
 };
 static const Tables tables;
 
-"""
-_SOURCE += CODES_CC
-_SOURCE += r"""
-struct Hyper {
-  float b1, omb1, b2, omb2, rbc1, rbc2, eps, eps_root, top;
+// One block of `len` entries (pointers at its start): decode and update both moments from
+// g, store the block maxima as the new scales, re-encode, and call `step(i, m_i, v_i)` with
+// each entry's float32 moments (inlined into the vectorized loop). `m`, `v`: scratch.
+struct MomentDecays {
+  float b1, omb1, b2, omb2, top;
 };
 
-// One block [lo, hi): decode, update, take the block maxima, encode, direction. `dir` may
-// be `g` itself: a block's gradient is read in full before its direction is written.
-static void block_step(const float* g, uint8_t* mc, float* ms, uint8_t* vc, float* vs,
-                       float* dir, int64_t b, int64_t lo, int64_t hi, const Hyper& h,
-                       float* m, float* v) {
-  const int64_t len = hi - lo;
-  const float sm = ms[b], sv = vs[b];
+template <class Step>
+static inline void q8_block_update(const float* g, uint8_t* mc, float& ms, uint8_t* vc,
+                                   float& vs, int64_t len, const MomentDecays& h, float* m,
+                                   float* v, Step step) {
+  const float sm = ms, sv = vs;
   const float* mu_value = tables.mu;
   const float* nu_value = tables.nu;
   uint32_t am = 0, av = 0;  // max |x| as bit patterns: a NaN wins, as in jnp.max
 #pragma omp simd reduction(max : am, av)
   for (int64_t i = 0; i < len; ++i) {
-    float gi = g[lo + i];
-    float mi = h.b1 * (mu_value[mc[lo + i]] * sm) + h.omb1 * gi;
-    float vi = h.b2 * (nu_value[vc[lo + i]] * sv) + h.omb2 * (gi * gi);
+    float gi = g[i];
+    float mi = h.b1 * (mu_value[mc[i]] * sm) + h.omb1 * gi;
+    float vi = h.b2 * (nu_value[vc[i]] * sv) + h.omb2 * (gi * gi);
     m[i] = mi;
     v[i] = vi;
     am = std::max(am, bits_of(mi) & 0x7FFFFFFFu);
     av = std::max(av, bits_of(vi) & 0x7FFFFFFFu);
   }
-  const float new_sm = float_of(am) / h.top, new_sv = float_of(av) / h.top;
-  const float inv_m = new_sm > 0.0f ? 1.0f / new_sm : 0.0f;
-  const float inv_v = new_sv > 0.0f ? 1.0f / new_sv : 0.0f;
-  ms[b] = new_sm;
-  vs[b] = new_sv;
+  ms = float_of(am) / h.top;
+  vs = float_of(av) / h.top;
+  const float inv_m = ms > 0.0f ? 1.0f / ms : 0.0f;
+  const float inv_v = vs > 0.0f ? 1.0f / vs : 0.0f;
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
-    mc[lo + i] = MuCode::encode(m[i] * inv_m);
-    vc[lo + i] = NuCode::encode(v[i] * inv_v);
-    dir[lo + i] = (m[i] * h.rbc1) / (std::sqrt(v[i] * h.rbc2 + h.eps_root) + h.eps);
+    mc[i] = MuCode::encode(m[i] * inv_m);
+    vc[i] = NuCode::encode(v[i] * inv_v);
+    step(i, m[i], v[i]);
   }
+}
+
+"""
+_SOURCE += CODES_CC
+_SOURCE += r"""
+struct Hyper {
+  MomentDecays decays;
+  float rbc1, rbc2, eps, eps_root;
+};
+
+// One block [lo, hi): the moments, then the direction. `dir` may be `g` itself: a block's
+// gradient is read in full before its direction is written.
+static void block_step(const float* g, uint8_t* mc, float* ms, uint8_t* vc, float* vs,
+                       float* dir, int64_t b, int64_t lo, int64_t hi, const Hyper& h,
+                       float* m, float* v) {
+  float* d = dir + lo;
+  q8_block_update(g + lo, mc + lo, ms[b], vc + lo, vs[b], hi - lo, h.decays, m, v,
+                  [&](int64_t i, float mi, float vi) {
+                    d[i] = (mi * h.rbc1) / (std::sqrt(vi * h.rbc2 + h.eps_root) + h.eps);
+                  });
 }
 
 static ffi::Error AdamQ8Impl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> mc_in,
@@ -157,7 +174,7 @@ static ffi::Error AdamQ8Impl(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::U8> mc_in
       vc->typed_data() != vc_in.typed_data() || vs->typed_data() != vs_in.typed_data())
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "moment outputs must alias inputs");
   const float* s = sc.typed_data();  // 1 / (1 - b1^t), 1 / (1 - b2^t), effective eps
-  const Hyper h{b1, omb1, b2, omb2, s[0], s[1], s[2], eps_root, top};
+  const Hyper h{{b1, omb1, b2, omb2, top}, s[0], s[1], s[2], eps_root};
   const float* G = g.typed_data();
   uint8_t* MC = mc->typed_data();
   uint8_t* VC = vc->typed_data();
