@@ -168,19 +168,28 @@ static void q8_block(float* p, uint8_t* mc, float* ms, uint8_t* vc, float* vs,
   size_t k = std::upper_bound(segs.begin(), segs.end(), lo,
                               [](int64_t i, const Seg& s) { return i < s.off; }) -
              segs.begin() - 1;
-  for (int64_t i = lo; i < hi; ++k) {
+  float* pb = p + lo;
+  auto update = [&](const float* gb, auto decay) {
+    q8_block_update(gb, mc + lo, ms[b], vc + lo, vs[b], hi - lo, h.decays, m, v,
+                    [&](int64_t i, float mi, float vi) {
+                      float d = (mi * h.rbc1) / (std::sqrt(vi * h.rbc2 + h.eps_root) + h.eps);
+                      pb[i] = pb[i] + (d + decay(i) * pb[i]) * h.neglr;
+                    });
+  };
+  const Seg& first = segs[k];
+  if (hi <= first.off + first.len) {  // within one leaf: read its gradient in place
+    const float wd_leaf = first.wd;
+    update(first.g + (lo - first.off), [=](int64_t) { return wd_leaf; });
+    return;
+  }
+  for (int64_t i = lo; i < hi; ++k) {  // across leaves: gather the gradients
     const Seg& s = segs[k];
     for (const int64_t end = std::min(hi, s.off + s.len); i < end; ++i) {
       g[i - lo] = s.g[i - s.off];
       wd[i - lo] = s.wd;
     }
   }
-  float* pb = p + lo;
-  q8_block_update(g, mc + lo, ms[b], vc + lo, vs[b], hi - lo, h.decays, m, v,
-                  [&](int64_t i, float mi, float vi) {
-                    float d = (mi * h.rbc1) / (std::sqrt(vi * h.rbc2 + h.eps_root) + h.eps);
-                    pb[i] = pb[i] + (d + wd[i] * pb[i]) * h.neglr;
-                  });
+  update(g, [=](int64_t i) { return wd[i]; });
 }
 
 static ffi::Error AdamQ8TreeImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::U8> mc_in,
@@ -261,7 +270,7 @@ _TARGET_Q8 = "jadam_packed_adam_q8_step"
 def _build() -> bool:
     """Compile, load and register the kernels once; False if that is impossible."""
     # No FMA contraction: XLA's roundings, so q8 codes match the JAX path's.
-    flags = ("-ffp-contract=off", "-fopenmp-simd")
+    flags = ("-ffp-contract=off", "-fopenmp-simd", "-mprefer-vector-width=512")
     symbols = {"AdamTreeStep": _TARGET, "AdamQ8TreeStep": _TARGET_Q8}
     return _native.load("packed_adam", _SOURCE, symbols, flags)
 
