@@ -14,7 +14,9 @@ concatenation). With `moments="q8"` the moments are blockwise 8-bit codes
 
 This is NOT an optax transformation: it owns the parameters (read them back
 with `params(state)`), supports only float32 parameters and the optax
-convention of Adam / AdamW (schedules and a decay mask, no L2 or AMSGrad),
+convention of Adam / AdamW (schedules and a decay mask, no L2 or AMSGrad;
+optax transformations of the gradients, such as clipping, run before it
+through `gradient_transform`),
 runs its native kernel on the CPU only, and allows no `vmap`/`grad` through
 the step. The kernel is compiled with the system C++ compiler (`CXX`, else
 `g++`) on first use and cached under `$XDG_CACHE_HOME/jadam` (default
@@ -32,6 +34,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jadam import _native, _q8_kernel
 from jadam._fused import FlatLayout
@@ -291,6 +294,7 @@ class PackedAdamState(NamedTuple):
     params: jax.Array  # flat float32 parameters
     mu: Any
     nu: Any
+    inner: Any = ()  # the state of `gradient_transform`, if any
 
 
 Q8_BLOCK = 256  # jadam.Quantized's default block
@@ -299,9 +303,12 @@ Q8_BLOCK = 256  # jadam.Quantized's default block
 class PackedAdam:
     """Built by `packed_adam`; see there."""
 
-    def __init__(self, learning_rate, b1, b2, eps, eps_root, weight_decay, mask, moments, threads):
+    def __init__(
+        self, learning_rate, b1, b2, eps, eps_root, weight_decay, mask, moments, threads, grad_tx
+    ):
         self.lr, self.b1, self.b2, self.eps, self.eps_root = learning_rate, b1, b2, eps, eps_root
         self.weight_decay, self.mask, self.moments = weight_decay, mask, moments
+        self.grad_tx = grad_tx
         self.threads = threads or os.cpu_count() or 1
         self.layout: FlatLayout | None = None
         self.decays: np.ndarray | None = None  # per non-None leaf: 1.0 decays, 0.0 not
@@ -320,7 +327,9 @@ class PackedAdam:
         )
         self.layout = layout
         flat = layout.ravel(params).get("float32", jnp.zeros(0, jnp.float32))
-        return PackedAdamState(jnp.zeros([], jnp.int32), flat, self._zeros(flat), self._zeros(flat))
+        inner = self.grad_tx.init(params) if self.grad_tx is not None else ()
+        zeros = jnp.zeros([], jnp.int32)
+        return PackedAdamState(zeros, flat, self._zeros(flat), self._zeros(flat), inner)
 
     def _zeros(self, flat: jax.Array) -> Any:
         if self.moments == "q8":
@@ -340,6 +349,9 @@ class PackedAdam:
     def step(self, state: PackedAdamState, grads: Any) -> PackedAdamState:
         """One Adam update-and-apply. Jit it with `donate_argnums=0` to update in place."""
         layout = self._layout()
+        inner = state.inner
+        if self.grad_tx is not None:
+            grads, inner = self.grad_tx.update(grads, inner, self.params(state))
         leaves = [g for g in layout.treedef.flatten_up_to(grads) if g is not None]
         if any(jnp.dtype(g.dtype) != jnp.float32 for g in leaves):
             raise TypeError("packed_adam takes float32 gradients only")
@@ -353,8 +365,10 @@ class PackedAdam:
         scalars = jnp.stack([inv_bc1, inv_bc2, -jnp.asarray(lr), jnp.asarray(wd)])
         scalars = scalars.astype(jnp.float32)
         if _build() and jax.default_backend() == "cpu" and state.params.size:
-            return self._native_step(state, count, scalars, leaves)
-        return self._jax_step(state, count, scalars, layout.ravel(grads)["float32"])
+            new = self._native_step(state, count, scalars, leaves)
+        else:
+            new = self._jax_step(state, count, scalars, layout.ravel(grads)["float32"])
+        return new._replace(inner=inner)
 
     def _native_step(self, state, count, scalars, leaves) -> PackedAdamState:
         hyper = {
@@ -420,6 +434,7 @@ def packed_adam(
     mask: Any = None,
     moments: str = "float32",
     threads: int | None = None,
+    gradient_transform: optax.GradientTransformation | None = None,
 ) -> PackedAdam:
     """Adam / AdamW on packed float32 state, one pass over memory per step (CPU).
 
@@ -443,6 +458,10 @@ def packed_adam(
         may span two leaves): 2.03 bytes of state per parameter instead of 8,
         and one pass reading 10 bytes and writing 6 per parameter.
       threads: CPU threads for the kernel (default: all cores).
+      gradient_transform: an optax transformation applied to the gradients
+        before the Adam step, e.g. `optax.clip_by_global_norm(1.0)` (then the
+        step equals `optax.chain(gradient_transform, jadam.adamw(...))`). It
+        runs in XLA on the gradient tree; its state is `state.inner`.
 
     Example:
       >>> import functools, jax, jax.numpy as jnp, jadam
@@ -464,5 +483,15 @@ def packed_adam(
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     if moments not in ("float32", "q8"):
         raise ValueError(f"moments must be 'float32' or 'q8', got {moments!r}")
+    if gradient_transform is not None and not (
+        callable(getattr(gradient_transform, "init", None))
+        and callable(getattr(gradient_transform, "update", None))
+    ):
+        raise TypeError(
+            "gradient_transform must be an optax.GradientTransformation (with init and "
+            f"update), e.g. optax.clip_by_global_norm(1.0); got {gradient_transform!r}"
+        )
     hyper = (float(b1), float(b2), float(eps), float(eps_root))
-    return PackedAdam(learning_rate, *hyper, weight_decay, mask, moments, threads)
+    return PackedAdam(
+        learning_rate, *hyper, weight_decay, mask, moments, threads, gradient_transform
+    )

@@ -190,3 +190,53 @@ def test_packed_q8_decay_mask_native_matches_fallback(monkeypatch):
     # The mask matters: "w" (not decayed) moved differently in a fully decayed run.
     monkeypatch.setitem(_native.loaded, "packed_adam", True)
     assert not np.allclose(run(mask=None)["w"], native["w"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_packed_gradient_transform_matches_optax_chain(native, monkeypatch):
+    """`gradient_transform` runs before the step: packed_adam(clip) == chain(clip, adamw)."""
+    if not native:
+        monkeypatch.setitem(_native.loaded, "packed_adam", False)
+    elif not jadam.packed_native_available():
+        pytest.skip("no C++ compiler here")
+    params = tree()
+    clip = optax.clip_by_global_norm(1.0)  # the gradients have norms of 35 and more: it binds
+    opt = jadam.packed_adam(0.05, weight_decay=0.1, gradient_transform=clip)
+    ref_tx = optax.chain(clip, jadam.adamw(0.05, weight_decay=0.1))
+    state, ref_state, ref = opt.init(params), ref_tx.init(params), params
+
+    @jax.jit
+    def ref_step(params, state, grads):
+        updates, state = ref_tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(opt.step, donate_argnums=0)
+    for i in range(5):
+        grads = grads_at(i, params)
+        state = step(state, grads)
+        ref, ref_state = ref_step(ref, ref_state, grads)
+    got = opt.params(state)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-7)
+    unclipped = jadam.packed_adam(0.05, weight_decay=0.1)
+    plain = unclipped.init(params)
+    for i in range(5):
+        plain = jax.jit(unclipped.step)(plain, grads_at(i, params))
+    assert not np.allclose(unclipped.params(plain)["big"], got["big"], rtol=1e-3)
+
+
+def test_packed_gradient_transform_state_is_kept():
+    """A stateful gradient transformation (accumulating) keeps its state across steps."""
+    params = {"w": jnp.ones(4)}
+    opt = jadam.packed_adam(0.1, gradient_transform=optax.trace(decay=0.5))
+    state = opt.init(params)
+    step = jax.jit(opt.step, donate_argnums=0)
+    for _ in range(3):
+        state = step(state, {"w": jnp.ones(4)})
+    # trace: t1 = 1, t2 = 1.5, t3 = 1.75
+    np.testing.assert_allclose(state.inner.trace["w"], np.full(4, 1.75))
+
+
+def test_packed_rejects_non_transform():
+    with pytest.raises(TypeError, match="gradient_transform must be an optax"):
+        jadam.packed_adam(gradient_transform=lambda g: g)
