@@ -13,8 +13,6 @@ concatenation of the tangents).
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,8 +97,7 @@ def _native_concat(*parts: jax.Array) -> jax.Array:
     size = sum(p.size for p in parts)
     out = jax.ShapeDtypeStruct((size,), parts[0].dtype)
     call = jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")
-    threads = np.int64(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-    native = lambda: call(*parts, threads=threads)  # noqa: E731
+    native = lambda: call(*parts, threads=np.int64(_native.cpu_threads()))  # noqa: E731
     flat = lambda: jnp.concatenate([p.reshape(-1) for p in parts])  # noqa: E731
     return jax.lax.platform_dependent(cpu=native, default=flat)
 

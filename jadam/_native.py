@@ -71,6 +71,14 @@ def load(name: str, source: str, symbols: dict[str, str], flags: tuple[str, ...]
         return loaded[name]
 
 
+def cpu_threads() -> int:
+    """CPU cores this process may run on: the kernels' default thread count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _cpu() -> str:
     """The CPU's model and feature flags (Linux), else what `platform` knows."""
     try:

@@ -28,7 +28,6 @@ same arithmetic in plain JAX (correct, at optax speed). Results equal
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, NamedTuple
 
 import jax
@@ -309,7 +308,7 @@ class PackedAdam:
         self.lr, self.b1, self.b2, self.eps, self.eps_root = learning_rate, b1, b2, eps, eps_root
         self.weight_decay, self.mask, self.moments = weight_decay, mask, moments
         self.grad_tx = grad_tx
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or _native.cpu_threads()
         self.layout: FlatLayout | None = None
         self.decays: np.ndarray | None = None  # per non-None leaf: 1.0 decays, 0.0 not
 
@@ -457,7 +456,7 @@ def packed_adam(
         the flat vector (`jadam.Quantized`'s format and 256-entry block; a block
         may span two leaves): 2.03 bytes of state per parameter instead of 8,
         and one pass reading 10 bytes and writing 6 per parameter.
-      threads: CPU threads for the kernel (default: all cores).
+      threads: CPU threads for the kernel (default: the cores this process may use).
       gradient_transform: an optax transformation applied to the gradients
         before the Adam step, e.g. `optax.clip_by_global_norm(1.0)` (then the
         step equals `optax.chain(gradient_transform, jadam.adamw(...))`). It

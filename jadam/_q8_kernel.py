@@ -25,7 +25,6 @@ one step where a value sits on a rounding boundary.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -277,16 +276,8 @@ def adam_q8_leaf(g, mu, nu, *, b1, b2, eps_root, block_size, inv_bc1, inv_bc2, e
             eps_root=np.float32(eps_root),
             top=np.float32(SIGNED_MAP.top),
             block=np.int64(block_size),
-            threads=np.int64(_threads()),
+            threads=np.int64(_native.cpu_threads()),
         )
         return d, QuantizedMoment(mc, ms), QuantizedMoment(vc, vs)
 
     return jax.lax.platform_dependent(cpu=native, default=jax_path)
-
-
-def _threads() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
