@@ -9,7 +9,9 @@ A checkpoint folder holds:
   silently), so jadam verifies every array on load;
 - ``config.json``: everything needed to rebuild the trainer as plain JSON (model
   config, loss, metrics, optimizer name and options, input shapes, NumPy shuffling
-  RNG state, epochs done);
+  RNG state, epochs done). Option values JSON has no type for (dtypes, jadam's
+  moment storages) are tagged dicts (``encode_options``); a schedule or function is
+  recorded by type only, and loading asks for the optimizer;
 - ``history.json``.
 
 Everything is written into a temporary sibling folder and renamed into place, so an
@@ -151,7 +153,10 @@ def _write_checkpoint(trainer, directory: str, items, ocp) -> None:
         "model": model_cfg,
         "loss": trainer.loss.name,
         "metrics": [m.name for m in trainer.metric_objs],
-        "optimizer": trainer.optimizer_config,
+        "optimizer": {
+            "name": trainer.optimizer_config["name"],
+            "options": encode_options(trainer.optimizer_config["options"]),
+        },
         "l1": trainer.l1,
         "l2": trainer.l2,
         "seed": trainer.seed,
@@ -176,6 +181,66 @@ def _write_checkpoint(trainer, directory: str, items, ocp) -> None:
         trainer.history.save(os.path.join(tmp, "history.json"))
 
     atomic_dir(directory, write)
+
+
+_TAG = "__jadam__"  # marks an option value that JSON has no type for
+
+
+def encode_options(options: dict) -> dict:
+    """Optimizer options as JSON. Numbers, strings, booleans and dicts of them stay as
+    they are; dtypes and jadam's moment storages (`StochasticRounding`, `Quantized`)
+    are tagged so `decode_options` rebuilds them; anything else (a schedule, a mask
+    function) is recorded by type only, and loading then asks for the optimizer."""
+    return {str(k): _encode(v) for k, v in options.items()}
+
+
+def _encode(value: Any) -> Any:
+    import jax.numpy as jnp
+
+    from jadam._quantize import Quantized
+    from jadam._rounding import StochasticRounding
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic) and value.dtype.kind in "biuf":
+        return value.item()
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, StochasticRounding):
+        dtype = jnp.dtype(value.dtype).name
+        return {_TAG: "StochasticRounding", "dtype": dtype, "seed": value.seed}
+    if isinstance(value, Quantized):
+        fields = ("block_size", "min_size", "stochastic", "seed")
+        return {_TAG: "Quantized", **{f: getattr(value, f) for f in fields}}
+    try:
+        return {_TAG: "dtype", "name": jnp.dtype(value).name}
+    except (TypeError, ValueError):
+        return {_TAG: "unrecorded", "type": type(value).__name__}
+
+
+def decode_options(options: dict, name: str, directory: str) -> dict:
+    """`encode_options` reversed; CheckpointError where an option was not recordable."""
+
+    def decode(key: str, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        tag = value.get(_TAG)
+        if tag is None:
+            return {k: decode(key, v) for k, v in value.items()}
+        fields = {k: v for k, v in value.items() if k != _TAG}
+        if tag == "dtype":
+            return fields["name"]
+        if tag in ("StochasticRounding", "Quantized"):
+            import jadam
+
+            return getattr(jadam, tag)(**fields)
+        raise CheckpointError(
+            f"{directory} was trained with optimizer option {key}= a {fields.get('type')} "
+            f"(a schedule or function), which a checkpoint cannot store; pass the "
+            f"optimizer: Trainer.load(path, optimizer=jadam.{name}(...))"
+        )
+
+    return {k: decode(k, v) for k, v in options.items()}
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -228,7 +293,9 @@ def load_trainer(cls, directory: str, *, model=None, optimizer=None, mesh=None, 
             optimizer if optimizer is not None else opt["name"],
             loss=cfg["loss"],
             metrics=cfg["metrics"],
-            optimizer_options=None if optimizer is not None else opt["options"],
+            optimizer_options=None
+            if optimizer is not None
+            else decode_options(opt["options"], opt["name"], directory),
             l1=cfg["l1"],
             l2=cfg["l2"],
             seed=cfg["seed"],

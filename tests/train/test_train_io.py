@@ -223,3 +223,56 @@ def test_public_names():
     for name in ("MLP", "Trainer", "History", "datasets", "load_exported", "EarlyStopping",
                  "ModelCheckpoint", "Combine", "CheckpointError"):  # fmt: skip
         assert hasattr(jadam, name), name
+
+
+def test_storage_options_survive_save_and_resume(tmp_path):
+    """dtypes and jadam's moment storages in optimizer_options are saved and rebuilt
+    (a plain json.dump of them used to fail at save time, after training)."""
+    import jadam
+
+    x, y = _data(n=200)
+    opts = {
+        "learning_rate": np.float32(3e-3),
+        "mu_dtype": jadam.Quantized(block_size=64, min_size=16),
+        "nu_dtype": jadam.StochasticRounding(jnp.bfloat16, seed=7),
+    }
+
+    def trainer():
+        return Trainer(MLP((32, 1)), "adam", loss="binary_crossentropy", optimizer_options=opts)
+
+    straight = trainer()
+    straight.fit(x, y, batch_size=16, epochs=4, verbose=0)
+    first = trainer()
+    first.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    first.save(tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["optimizer"]["options"]["nu_dtype"] == {
+        "__jadam__": "StochasticRounding", "dtype": "bfloat16", "seed": 7,
+    }  # fmt: skip
+    resumed = Trainer.load(tmp_path / "ck")
+    assert jax.tree.structure(resumed.state) == jax.tree.structure(first.state)
+    resumed.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    for a, b in zip(_leaves(straight), _leaves(resumed), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_dtype_option_round_trips(tmp_path):
+    t, _, _ = _trained(optimizer_options={"mu_dtype": jnp.bfloat16})
+    t.save(tmp_path / "ck")
+    loaded = Trainer.load(tmp_path / "ck")
+    mu = jax.tree.leaves(loaded.state.opt_state[0].mu)
+    assert mu and all(leaf.dtype == jnp.bfloat16 for leaf in mu)
+
+
+def test_schedule_option_saves_and_load_asks_for_the_optimizer(tmp_path):
+    import jadam
+
+    schedule = optax.linear_schedule(1e-2, 1e-3, 100)
+    t, x, y = _trained(optimizer_options={"learning_rate": schedule})
+    t.save(tmp_path / "ck")  # used to raise TypeError (a function is not JSON)
+    with pytest.raises(CheckpointError, match=r"learning_rate.*optimizer=jadam.adam"):
+        Trainer.load(tmp_path / "ck")
+    loaded = Trainer.load(tmp_path / "ck", optimizer=jadam.adam(schedule))
+    for a, b in zip(_leaves(loaded), _leaves(t), strict=True):
+        np.testing.assert_array_equal(a, b)
