@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer
 
 from jadam import cli
+from jadam.train import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -102,3 +104,20 @@ def test_cli_errors_are_clear_and_leave_nothing(tmp_path, capsys, monkeypatch, a
     assert cli.main([*args, "--epochs", "1"] if args[0] == "train" else args) == 2
     assert match in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("moments,dtype", [("q8", np.uint8), ("bf16", jnp.bfloat16)])
+def test_cli_moments_storage_reaches_the_checkpoint(tmp_path, moments, dtype):
+    out = str(tmp_path / "run")
+    code = cli.main([
+        "train", "--data", "digits", "--layers", "128", "--moments", moments,
+        "--epochs", "2", "--out", out, "--verbose", "0",
+    ])  # fmt: skip
+    assert code == 0
+    trainer = Trainer.load(os.path.join(out, "checkpoint"))  # options rebuilt from JSON
+    mu = trainer.state.opt_state[0].mu
+    kernel = mu["Dense_0"]["kernel"]  # 64 x 128: large enough to quantize
+    leaf = kernel.codes if moments == "q8" else kernel
+    assert leaf.dtype == dtype
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["test_accuracy"] > 0.8
