@@ -133,22 +133,36 @@ def check_convention(convention: Any) -> str:
     return convention
 
 
+def check_number(name: str, value: Any) -> float | None:
+    """`value` as a float; None for a schedule or a traced value (checked later, if
+    at all); a ValueError naming `name` for anything else (a string, None, an array
+    with more than one entry), which would otherwise fail deep inside `update`."""
+    if callable(value) or isinstance(value, jax.core.Tracer):
+        return None
+    if not isinstance(value, (str, bytes)) and np.ndim(value) == 0:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"{name} must be a number, got {value!r}.")
+
+
 def check_nonnegative(name: str, value: Any) -> None:
     """`value >= 0` when it is concrete; schedules and traced values pass."""
-    number = concrete_float(value)
+    number = check_number(name, value)
     if number is not None and not number >= 0:  # `not >=` also rejects NaN
         raise ValueError(f"{name} must be >= 0, got {number!r}.")
 
 
 def check_decay(name: str, value: Any) -> None:
     """A moment decay rate must lie in [0, 1)."""
-    number = concrete_float(value)
+    number = check_number(name, value)
     if number is not None and not 0.0 <= number < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {number!r}.")
 
 
 def check_finite(name: str, value: Any) -> None:
-    number = concrete_float(value)
+    number = check_number(name, value)
     if number is not None and not np.isfinite(number):
         raise ValueError(f"{name} must be finite, got {number!r}.")
 

@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from jadam import _native, _q8_kernel
+from jadam import _numerics as nx
 from jadam._fused import FlatLayout
 from jadam._quantize import SIGNED_MAP, UNSIGNED_MAP, QuantizedMoment, dequantize, quantize
 
@@ -319,7 +320,7 @@ class PackedAdam:
             raise TypeError(f"packed_adam takes float32 parameters only, got {set(layout.groups)}")
         mask = self.mask(params) if callable(self.mask) else self.mask
         leaves = layout.treedef.flatten_up_to(params)
-        flags = [True] * len(leaves) if mask is None else layout.treedef.flatten_up_to(mask)
+        flags = [True] * len(leaves) if mask is None else _like_params(layout, mask, "mask")
         self.decays = np.array(
             [float(bool(f)) for f, p in zip(flags, leaves, strict=True) if p is not None],
             np.float32,
@@ -351,7 +352,12 @@ class PackedAdam:
         inner = state.inner
         if self.grad_tx is not None:
             grads, inner = self.grad_tx.update(grads, inner, self.params(state))
-        leaves = [g for g in layout.treedef.flatten_up_to(grads) if g is not None]
+        grad_leaves = _like_params(layout, grads, "grads")
+        for g, shape in zip(grad_leaves, layout.shapes, strict=True):
+            if (g is None) != (shape is None) or (g is not None and tuple(g.shape) != shape):
+                got = None if g is None else tuple(g.shape)
+                raise ValueError(f"grads must have the params' shapes: got {got}, want {shape}")
+        leaves = [g for g in grad_leaves if g is not None]
         if any(jnp.dtype(g.dtype) != jnp.float32 for g in leaves):
             raise TypeError("packed_adam takes float32 gradients only")
         # Schedules see the steps taken before this one, as optax's do.
@@ -422,6 +428,16 @@ class PackedAdam:
         return PackedAdamState(count, p, m, v)
 
 
+def _like_params(layout: FlatLayout, tree: Any, name: str) -> list[Any]:
+    """The leaves of `tree`, which must have the structure of the params given to init."""
+    try:
+        return layout.treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{name} must have the structure of the params given to init: {err}"
+        ) from None
+
+
 def packed_adam(
     learning_rate: Any = 1e-3,
     b1: float = 0.9,
@@ -471,15 +487,22 @@ def packed_adam(
       >>> opt.params(state)["w"]
       Array([ 0.9, -1.9], dtype=float32)
     """
+    # The kernel bakes b1, b2, eps and eps_root in as constants: numbers, not schedules.
+    for name, value in [("b1", b1), ("b2", b2), ("eps", eps), ("eps_root", eps_root)]:
+        if callable(value):
+            raise ValueError(f"{name} must be a number, got {value!r}")
     for name, value in [("learning_rate", learning_rate), ("weight_decay", weight_decay)]:
-        if not callable(value) and (not isinstance(value, (int, float)) or value < 0):
-            raise ValueError(f"{name} must be a number >= 0 or a schedule, got {value!r}")
+        nx.check_nonnegative(name, value)
+        nx.check_finite(name, value)
+    nx.check_decay("b1", b1)
+    nx.check_decay("b2", b2)
     for name, value in [("eps", eps), ("eps_root", eps_root)]:
-        if not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    for name, value in [("b1", b1), ("b2", b2)]:
-        if not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        nx.check_nonnegative(name, value)
+        nx.check_finite(name, value)
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
     if moments not in ("float32", "q8"):
         raise ValueError(f"moments must be 'float32' or 'q8', got {moments!r}")
     if gradient_transform is not None and not (

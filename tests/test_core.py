@@ -72,6 +72,12 @@ def run(tx, params, steps, grad_fn=quadratic_grad):
         ({"convention": "tensorflow"}, "convention"),
         ({"mu_dtype": "int8"}, "mu_dtype"),
         ({"nu_dtype": "not-a-dtype"}, "nu_dtype"),
+        # Not numbers: these used to pass construction and fail inside update (or,
+        # for "1e-3", be taken as a number).
+        ({"learning_rate": "1e-3"}, "learning_rate must be a number"),
+        ({"eps": "fast"}, "eps must be a number"),
+        ({"b1": None}, "b1 must be a number"),
+        ({"b2": [0.9, 0.99]}, "b2 must be a number"),
     ],
 )
 def test_bad_hyperparameters_raise_naming_the_argument(name, kwargs, argument):

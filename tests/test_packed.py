@@ -118,6 +118,34 @@ def test_packed_rejects_bad_schedule_args():
         jadam.packed_adam("fast")
 
 
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"learning_rate": float("nan")}, "learning_rate"),
+        ({"learning_rate": float("inf")}, "learning_rate must be finite"),
+        ({"b1": lambda count: 0.9}, "b1 must be a number"),
+        ({"eps": "tiny"}, "eps must be a number"),
+        ({"threads": 0}, "threads must be a positive integer"),
+        ({"threads": 1.5}, "threads must be a positive integer"),
+    ],
+)
+def test_packed_rejects_bad_numbers(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        jadam.packed_adam(**kwargs)
+
+
+def test_packed_checks_grads_and_mask_against_the_params():
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
+    opt = jadam.packed_adam()
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="grads must have the structure"):
+        opt.step(state, {"w": jnp.ones((3, 2))})
+    with pytest.raises(ValueError, match=r"got \(2, 3\), want \(3, 2\)"):
+        opt.step(state, {"w": jnp.ones((2, 3)), "b": jnp.zeros(2)})  # same size, other shape
+    with pytest.raises(ValueError, match="mask must have the structure"):
+        jadam.packed_adam(weight_decay=0.1, mask={"w": True}).init(params)
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_packed_q8_matches_adamw_q8_on_the_flat_vector(native, monkeypatch):
     """moments="q8" is jadam.adamw with q8 moments on the flat parameter vector (blocks
