@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jadam import _bf16_kernel, _q8_kernel
 from jadam import _numerics as nx
-from jadam import _q8_kernel
 from jadam._storage import fold_key, leaf_keys, resolve_storage
 
 
@@ -178,29 +178,31 @@ def scale_by_adam(
         return state
 
     def leaf_update(g, mu, nu, *nu_max, count, key=None):
+        # Both moments in 8 bits, or both in bf16 rounded stochastically: one native pass
+        # on the CPU (`_q8_kernel`, `_bf16_kernel`), the JAX path elsewhere.
         hyper = (b1, b2, eps, eps_root)
-        if not (amsgrad or nesterov) and _q8_kernel.applies(g, mu, nu, mu_store, nu_store, hyper):
-            return q8_leaf_update(g, mu, nu, count=count)
+        if not (amsgrad or nesterov):
+            if _q8_kernel.applies(g, mu, nu, mu_store, nu_store, hyper):
+                return _q8_kernel.adam_q8_leaf(
+                    g, mu, nu, block_size=mu_store.block_size,
+                    **kernel_args(count), jax_path=lambda: jax_leaf_update(g, mu, nu, count=count),
+                )  # fmt: skip
+            if _bf16_kernel.applies(g, key, mu_store, nu_store, hyper):
+                return _bf16_kernel.adam_bf16_leaf(
+                    g, mu, nu, key, mu_store=mu_store, nu_store=nu_store, **kernel_args(count),
+                    jax_path=lambda: jax_leaf_update(g, mu, nu, count=count, key=key),
+                )  # fmt: skip
         return jax_leaf_update(g, mu, nu, *nu_max, count=count, key=key)
 
-    def q8_leaf_update(g, mu, nu, *, count):
-        # Both moments in 8 bits: one pass on the CPU (`_q8_kernel`), the JAX path elsewhere.
+    def kernel_args(count):
+        """The native kernels' hyperparameters at step `count` (float32 scalars traced)."""
         bc1 = nx.one_minus_power(b1, count, jnp.float32)
         bc2 = nx.one_minus_power(b2, count, jnp.float32)
         eps_eff = effective_eps(eps, bc2, eps_on_raw_moment=convention == "keras")
-        return _q8_kernel.adam_q8_leaf(
-            g,
-            mu,
-            nu,
-            b1=b1,
-            b2=b2,
-            eps_root=eps_root,
-            block_size=mu_store.block_size,
-            inv_bc1=1 / bc1,
-            inv_bc2=1 / bc2,
+        return dict(
+            b1=b1, b2=b2, eps_root=eps_root, inv_bc1=1 / bc1, inv_bc2=1 / bc2,
             eps=jnp.float32(eps_eff),
-            jax_path=lambda: jax_leaf_update(g, mu, nu, count=count),
-        )
+        )  # fmt: skip
 
     def jax_leaf_update(g, mu, nu, *nu_max, count, key=None):
         dtype = nx.compute_dtype(g.dtype)
