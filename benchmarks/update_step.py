@@ -232,6 +232,7 @@ def contenders(case: str, params, grads, scan: int):
         for name, tx in [
             ("optax.adam", optax.adam(lr)),
             ("jadam f32", jadam.adam(lr)),
+            ("jadam bf16 state", jadam.adam(lr, **storages["bf16 state"])),
             ("jadam q8 state", jadam.adam(lr, **storages["q8 state"])),
         ]:
             out[f"{name}, {scan} steps in a scan"] = lambda tx=tx: (
