@@ -183,16 +183,38 @@ def scale_by_adam(
         hyper = (b1, b2, eps, eps_root)
         if not (amsgrad or nesterov):
             if _q8_kernel.applies(g, mu, nu, mu_store, nu_store, hyper):
-                return _q8_kernel.adam_q8_leaf(
-                    g, mu, nu, block_size=mu_store.block_size,
-                    **kernel_args(count), jax_path=lambda: jax_leaf_update(g, mu, nu, count=count),
-                )  # fmt: skip
+                return native_leaf_update(_q8_leaf, g, mu, nu, count, key)
             if _bf16_kernel.applies(g, key, mu_store, nu_store, hyper):
-                return _bf16_kernel.adam_bf16_leaf(
-                    g, mu, nu, key, mu_store=mu_store, nu_store=nu_store, **kernel_args(count),
-                    jax_path=lambda: jax_leaf_update(g, mu, nu, count=count, key=key),
-                )  # fmt: skip
+                return native_leaf_update(_bf16_leaf, g, mu, nu, count, key)
         return jax_leaf_update(g, mu, nu, *nu_max, count=count, key=key)
+
+    def _q8_leaf(g, mu, nu, count, key):
+        return _q8_kernel.adam_q8_leaf(
+            g, mu, nu, block_size=mu_store.block_size, **kernel_args(count),
+            jax_path=lambda: jax_leaf_update(g, mu, nu, count=count, key=key),
+        )  # fmt: skip
+
+    def _bf16_leaf(g, mu, nu, count, key):
+        return _bf16_kernel.adam_bf16_leaf(
+            g, mu, nu, key, mu_store=mu_store, nu_store=nu_store, **kernel_args(count),
+            jax_path=lambda: jax_leaf_update(g, mu, nu, count=count, key=key),
+        )  # fmt: skip
+
+    def native_leaf_update(kernel_leaf, g, mu, nu, count, key):
+        """`kernel_leaf`'s values with the JAX path's derivatives: a custom call has none,
+        and the two compute the same function (so `jax.grad` through `update` works)."""
+        fn = jax.custom_jvp(kernel_leaf)
+        fn.defjvp(
+            lambda primals, tangents: (
+                fn(*primals),
+                jax.jvp(
+                    lambda g, mu, nu, count, key: jax_leaf_update(g, mu, nu, count=count, key=key),
+                    primals,
+                    tangents,
+                )[1],
+            )
+        )
+        return fn(g, mu, nu, count, key)
 
     def kernel_args(count):
         """The native kernels' hyperparameters at step `count` (float32 scalars traced)."""

@@ -164,3 +164,24 @@ def test_injected_hyperparameters_take_the_jax_path():
     tx = optax.inject_hyperparams(jadam.adam)(1e-3, b1=0.9, mu_dtype=BF16, nu_dtype=BF16)
     params = {"w": jnp.ones(5000)}
     assert not uses_kernel(lambda g, s: tx.update(g, s, params), params, tx.init(params))
+
+
+def test_differentiating_through_update_matches_jax_path():
+    """The custom call has no derivative of its own: the JAX path's JVP stands in."""
+    tx = jadam.adam(0.1, mu_dtype=BF16, nu_dtype=BF16)
+    params = {"w": jnp.linspace(-1, 1, 5000)}
+    state = state_after_one_step(tx, params)
+
+    def loss(g):
+        updates, _ = tx.update({"w": g}, state, params)
+        return jnp.sum(updates["w"] ** 2)
+
+    g = jnp.sin(3 * params["w"])
+    assert uses_kernel(jax.grad(loss), g)
+    got = fresh_jit(jax.grad(loss))(g)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(_native.loaded, "adam_bf16", False)
+        assert not uses_kernel(jax.grad(loss), g)
+        want = fresh_jit(jax.grad(loss))(g)
+    assert np.abs(np.asarray(want)).max() > 1e-3  # not trivially zero
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
