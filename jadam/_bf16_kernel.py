@@ -145,10 +145,7 @@ def applies(g: jax.Array, key: Any, mu_store: Any, nu_store: Any, hyper) -> bool
         all(isinstance(s, StochasticRounding) for s in (mu_store, nu_store))
         and all(jnp.dtype(s.dtype) == bf16 for s in (mu_store, nu_store))
         and key is not None
-        and jnp.dtype(g.dtype) == jnp.float32
-        and g.size > 0
-        and all(isinstance(x, (int, float)) for x in hyper)
-        and jax.device_count() == 1
+        and _native.leaf_eligible(g, hyper)
         and available()
     )
 

@@ -23,6 +23,7 @@ import tempfile
 import threading
 
 import jax
+import numpy as np
 
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
@@ -77,6 +78,18 @@ def cpu_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def leaf_eligible(g, hyper) -> bool:
+    """What every per-leaf Adam kernel needs: a non-empty float32 gradient, Python-number
+    hyperparameters (baked in as constants) and one device (a custom call would gather
+    sharded moments)."""
+    return (
+        g.dtype == np.float32
+        and g.size > 0
+        and all(isinstance(x, (int, float)) for x in hyper)
+        and jax.device_count() == 1
+    )
 
 
 def _cpu() -> str:

@@ -232,10 +232,7 @@ def applies(g: jax.Array, mu: Any, nu: Any, mu_store: Any, nu_store: Any, hyper)
         and isinstance(nu, QuantizedMoment)
         and not (mu_store.stochastic or nu_store.stochastic)
         and mu_store.block_size == nu_store.block_size
-        and jnp.dtype(g.dtype) == jnp.float32
-        and g.size > 0
-        and all(isinstance(x, (int, float)) for x in hyper)
-        and jax.device_count() == 1
+        and _native.leaf_eligible(g, hyper)
         and available()
     )
 

@@ -178,7 +178,7 @@ def _optimizer_options(args) -> dict:
     if args.moments == "q8":
         opts["mu_dtype"] = opts["nu_dtype"] = "q8"
     elif args.moments == "bf16":
-        from jadam._rounding import StochasticRounding
+        from jadam import StochasticRounding
 
         opts["mu_dtype"] = opts["nu_dtype"] = StochasticRounding("bfloat16", seed=args.seed)
     return opts

@@ -34,6 +34,7 @@ import uuid
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jadam._sharding import to_host
@@ -195,8 +196,6 @@ def encode_options(options: dict) -> dict:
 
 
 def _encode(value: Any) -> Any:
-    import jax.numpy as jnp
-
     from jadam._quantize import Quantized
     from jadam._rounding import StochasticRounding
 
