@@ -167,16 +167,20 @@ def check_finite(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be finite, got {number!r}.")
 
 
-def map_moments(fn: Any, updates: Any, *moment_trees: Any) -> tuple[Any, ...]:
-    """Apply `fn(g, *moments)` leaf by leaf; return one tree per output of `fn`.
+def map_moments(fn: Any, updates: Any, keys: Any, *moment_trees: Any) -> tuple[Any, ...]:
+    """Apply `fn(g, key, *moments) -> (direction, *new_moments)` leaf by leaf.
 
-    The gradient tree gives the structure (see `flatten_like`). A `None`
-    gradient leaf gives `None` in every output.
+    Returns `(direction tree, *new moment trees)`, one tree per moment tree.
+    The gradient tree gives the structure (see `flatten_like`); `keys` is the
+    tree of rounding words from `leaf_keys`. A `None` gradient leaf gives `None`
+    in every output, and a tree without array leaves (an empty dict, the
+    subtree of an unused `optax.multi_transform` label, an all-masked
+    `optax.masked`) gives trees of its own structure without calling `fn`.
     """
     treedef = jax.tree.structure(updates, is_leaf=is_none)
     grads = treedef.flatten_up_to(updates)
-    columns = [flatten_like(updates, moments)[1] for moments in moment_trees]
+    columns = [flatten_like(updates, tree)[1] for tree in (keys, *moment_trees)]
     results = [None if g is None else fn(g, *row) for g, *row in zip(grads, *columns, strict=True)]
-    width = next((len(r) for r in results if r is not None), 1 + len(moment_trees))
+    width = 1 + len(moment_trees)  # the direction and one new value per moment
     outputs = [[None if r is None else r[i] for r in results] for i in range(width)]
     return tuple(treedef.unflatten(column) for column in outputs)
