@@ -372,7 +372,8 @@ class PackedAdam:
         if _build() and jax.default_backend() == "cpu" and state.params.size:
             new = self._native_step(state, count, scalars, leaves)
         else:
-            new = self._jax_step(state, count, scalars, layout.ravel(grads)["float32"])
+            flat_grads = layout.ravel(grads).get("float32", jnp.zeros(0, jnp.float32))
+            new = self._jax_step(state, count, scalars, flat_grads)
         return new._replace(inner=inner)
 
     def _native_step(self, state, count, scalars, leaves) -> PackedAdamState:
