@@ -46,6 +46,29 @@ from jadam._sharding import shard_batch as shard_batch
 from jadam._sharding import shard_local_batch as shard_local_batch
 from jadam._sharding import state_shardings as state_shardings
 from jadam._sharding import to_host as to_host
+from jadam._transforms.adabelief import ScaleByBeliefState as ScaleByBeliefState
+from jadam._transforms.adabelief import adabelief as adabelief
+from jadam._transforms.adabelief import scale_by_adabelief as scale_by_adabelief
+from jadam._transforms.adan import ScaleByAdanState as ScaleByAdanState
+from jadam._transforms.adan import adan as adan
+from jadam._transforms.adan import scale_by_adan as scale_by_adan
+from jadam._transforms.ademamix import ScaleByAdemamixState as ScaleByAdemamixState
+from jadam._transforms.ademamix import ademamix as ademamix
+from jadam._transforms.ademamix import scale_by_ademamix as scale_by_ademamix
+from jadam._transforms.adopt import ScaleByAdoptState as ScaleByAdoptState
+from jadam._transforms.adopt import adopt as adopt
+from jadam._transforms.adopt import scale_by_adopt as scale_by_adopt
+from jadam._transforms.lamb import ScaleByLambState as ScaleByLambState
+from jadam._transforms.lamb import lamb as lamb
+from jadam._transforms.lamb import scale_by_lamb as scale_by_lamb
+from jadam._transforms.schedule_free import ScheduleFreeAdamWState as ScheduleFreeAdamWState
+from jadam._transforms.schedule_free import schedule_free_adamw as schedule_free_adamw
+from jadam._transforms.schedule_free import (
+    schedule_free_eval_params as schedule_free_eval_params,
+)
+from jadam._transforms.yogi import ScaleByYogiState as ScaleByYogiState
+from jadam._transforms.yogi import scale_by_yogi as scale_by_yogi
+from jadam._transforms.yogi import yogi as yogi
 from jadam.train import datasets as datasets
 from jadam.train.callbacks import Callback as Callback
 from jadam.train.callbacks import EarlyStopping as EarlyStopping
