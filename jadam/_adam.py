@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jadam import _bf16_kernel, _q8_kernel
 from jadam import _numerics as nx
+from jadam._native import dispatch
 from jadam._storage import fold_key, leaf_keys, resolve_storage
 
 
@@ -178,52 +178,12 @@ def scale_by_adam(
         return state
 
     def leaf_update(g, mu, nu, *nu_max, count, key=None):
-        # Both moments in 8 bits, or both in bf16 rounded stochastically: one native pass
-        # on the CPU (`_q8_kernel`, `_bf16_kernel`), the JAX path elsewhere.
-        hyper = (b1, b2, eps, eps_root)
-        if not (amsgrad or nesterov):
-            if _q8_kernel.applies(g, mu, nu, mu_store, nu_store, hyper):
-                return native_leaf_update(_q8_leaf, g, mu, nu, count, key)
-            if _bf16_kernel.applies(g, key, mu_store, nu_store, hyper):
-                return native_leaf_update(_bf16_leaf, g, mu, nu, count, key)
-        return jax_leaf_update(g, mu, nu, *nu_max, count=count, key=key)
-
-    def _q8_leaf(g, mu, nu, count, key):
-        return _q8_kernel.adam_q8_leaf(
-            g, mu, nu, block_size=mu_store.block_size, **kernel_args(count),
-            jax_path=lambda: jax_leaf_update(g, mu, nu, count=count, key=key),
-        )  # fmt: skip
-
-    def _bf16_leaf(g, mu, nu, count, key):
-        return _bf16_kernel.adam_bf16_leaf(
-            g, mu, nu, key, mu_store=mu_store, nu_store=nu_store, **kernel_args(count),
-            jax_path=lambda: jax_leaf_update(g, mu, nu, count=count, key=key),
-        )  # fmt: skip
-
-    def native_leaf_update(kernel_leaf, g, mu, nu, count, key):
-        """`kernel_leaf`'s values with the JAX path's derivatives: a custom call has none,
-        and the two compute the same function (so `jax.grad` through `update` works)."""
-        fn = jax.custom_jvp(kernel_leaf)
-        fn.defjvp(
-            lambda primals, tangents: (
-                fn(*primals),
-                jax.jvp(
-                    lambda g, mu, nu, count, key: jax_leaf_update(g, mu, nu, count=count, key=key),
-                    primals,
-                    tangents,
-                )[1],
-            )
-        )
-        return fn(g, mu, nu, count, key)
-
-    def kernel_args(count):
-        """The native kernels' hyperparameters at step `count` (float32 scalars traced)."""
-        bc1 = nx.one_minus_power(b1, count, jnp.float32)
-        bc2 = nx.one_minus_power(b2, count, jnp.float32)
-        eps_eff = effective_eps(eps, bc2, eps_on_raw_moment=convention == "keras")
-        return dict(
-            b1=b1, b2=b2, eps_root=eps_root, inv_bc1=1 / bc1, inv_bc2=1 / bc2,
-            eps=jnp.float32(eps_eff),
+        # A native CPU kernel where one computes this step (both moments in 8 bits, or
+        # both in bf16 rounded stochastically), else `jax_leaf_update`.
+        return dispatch.adam_leaf(
+            jax_leaf_update, g, mu, nu, *nu_max, count=count, key=key, mu_store=mu_store,
+            nu_store=nu_store, b1=b1, b2=b2, eps=eps, eps_root=eps_root, amsgrad=amsgrad,
+            nesterov=nesterov, eps_on_raw_moment=convention == "keras",
         )  # fmt: skip
 
     def jax_leaf_update(g, mu, nu, *nu_max, count, key=None):

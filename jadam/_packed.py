@@ -18,11 +18,12 @@ convention of Adam / AdamW (schedules and a decay mask, no L2 or AMSGrad;
 optax transformations of the gradients, such as clipping, run before it
 through `gradient_transform`),
 runs its native kernel on the CPU only, and allows no `vmap`/`grad` through
-the step. The kernel is compiled with the system C++ compiler (`CXX`, else
-`g++`) on first use and cached under `$XDG_CACHE_HOME/jadam` (default
-`~/.cache/jadam`, see `_native`); where that fails, `step` falls back to the
-same arithmetic in plain JAX (correct, at optax speed). Results equal
-`jadam.adam` / `jadam.adamw` to float32 rounding.
+the step. The kernel (`jadam/_native/packed_adam.cc`) is compiled with the
+system C++ compiler on first use, or ahead of time with
+`python -m jadam.native build`, and cached (see `jadam.native_status()`);
+where that fails, `step` warns once and falls back to the same arithmetic in
+plain JAX (correct, at optax speed). Results equal `jadam.adam` /
+`jadam.adamw` to float32 rounding.
 """
 
 from __future__ import annotations
@@ -35,252 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jadam import _native, _q8_kernel
 from jadam import _numerics as nx
 from jadam._fused import FlatLayout
+from jadam._native import dispatch
 from jadam._quantize import SIGNED_MAP, UNSIGNED_MAP, QuantizedMoment, dequantize, quantize
-
-_SOURCE = r"""
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-#include "xla/ffi/api/ffi.h"
-namespace ffi = xla::ffi;
-"""
-_SOURCE += (
-    _native.PARALLEL_CC
-    + _q8_kernel.CODES_CC
-    + r"""
-struct Hyper {
-  float b1, omb1, b2, omb2, rbc1, rbc2, eps, eps_root, neglr;
-};
-
-// p, m, v updated in place over [lo, hi); g is indexed like p. `wd`: decoupled weight
-// decay, p += -lr * (direction + wd * p) (0: plain Adam, the same value to the bit).
-static void kernel(float* p, float* m, float* v, const float* g, int64_t lo, int64_t hi,
-                   Hyper h, float wd) {
-#pragma omp simd
-  for (int64_t i = lo; i < hi; ++i) {
-    float gi = g[i];
-    float mi = h.b1 * m[i] + h.omb1 * gi;
-    float vi = h.b2 * v[i] + h.omb2 * (gi * gi);
-    float d = (mi * h.rbc1) / (std::sqrt(vi * h.rbc2 + h.eps_root) + h.eps);
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = p[i] + (d + wd * p[i]) * h.neglr;
-  }
-}
-
-struct Seg {
-  const float* g;
-  int64_t off, len;
-  float wd;
-};
-
-static void seg_kernel(float* p, float* m, float* v, const std::vector<Seg>* segs, int64_t lo,
-                       int64_t hi, Hyper h) {
-  for (const Seg& s : *segs) {
-    int64_t a = std::max(lo, s.off), b = std::min(hi, s.off + s.len);
-    if (a < b) kernel(p, m, v, s.g - s.off, a, b, h, s.wd);  // g[i - off], i in [a, b)
-  }
-}
-
-// The gradient leaves, in order, as segments of the flat vector of n entries.
-static ffi::Error collect_segments(ffi::Buffer<ffi::F32>& decays, ffi::RemainingArgs& grads,
-                                   float wd, int64_t n, std::vector<Seg>& segs) {
-  if (decays.element_count() != grads.size())
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "one decay flag per gradient");
-  int64_t off = 0;
-  for (size_t k = 0; k < grads.size(); ++k) {
-    auto g = grads.get<ffi::Buffer<ffi::F32>>(k);
-    if (!g.has_value()) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "f32 grads only");
-    segs.push_back({g->typed_data(), off, (int64_t)g->element_count(),
-                    wd * decays.typed_data()[k]});
-    off += g->element_count();
-  }
-  if (off != n) return ffi::Error(ffi::ErrorCode::kInvalidArgument, "grad sizes differ");
-  return ffi::Error::Success();
-}
-
-static ffi::Error AdamTreeImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
-                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> sc,
-                               ffi::Buffer<ffi::F32> decays, ffi::RemainingArgs grads,
-                               ffi::ResultBuffer<ffi::F32> po, ffi::ResultBuffer<ffi::F32> mo,
-                               ffi::ResultBuffer<ffi::F32> vo,
-                               float b1, float omb1, float b2, float omb2, float eps,
-                               float eps_root, int64_t threads, ffi::ThreadPool pool) {
-  int64_t n = p.element_count();
-  float* P = po->typed_data();
-  float* M = mo->typed_data();
-  float* V = vo->typed_data();
-  if (P != p.typed_data() || M != m.typed_data() || V != v.typed_data())
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "outputs must alias inputs");
-  const float* s = sc.typed_data();  // 1 / (1 - b1^t), 1 / (1 - b2^t), -lr, weight decay
-  std::vector<Seg> segs;
-  ffi::Error err = collect_segments(decays, grads, s[3], n, segs);
-  if (err.failure()) return err;
-  Hyper h{b1, omb1, b2, omb2, s[0], s[1], eps, eps_root, s[2]};
-  threads = std::max<int64_t>(1, std::min<int64_t>(threads, 64));
-  if (n < (1 << 16)) threads = 1;
-  // Blocks of 64K parameters handed out dynamically, so that a thread slowed
-  // by a neighbour does not hold up the step.
-  const int64_t block = 1 << 16;
-  const int64_t nblocks = (n + block - 1) / block;
-  std::atomic<int64_t> next{0};
-  run_parallel(threads, pool, [=, &segs, &next] {
-    for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1))
-      seg_kernel(P, M, V, &segs, b * block, std::min(n, (b + 1) * block), h);
-  });
-  return ffi::Error::Success();
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamTreeStep, AdamTreeImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .RemainingArgs()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("b1")
-                                  .Attr<float>("omb1")
-                                  .Attr<float>("b2")
-                                  .Attr<float>("omb2")
-                                  .Attr<float>("eps")
-                                  .Attr<float>("eps_root")
-                                  .Attr<int64_t>("threads")
-                                  .Ctx<ffi::ThreadPool>());
-
-// q8 moments: the blockwise 8-bit format of jadam.Quantized (block `block`) over the flat
-// vectors. One block: gather its gradients (a block may span leaves), decode and update
-// the moments, take the block maxima, encode, and apply the step to p.
-struct HyperQ8 {
-  MomentDecays decays;
-  float rbc1, rbc2, eps, eps_root, neglr;
-};
-
-static void q8_block(float* p, uint8_t* mc, float* ms, uint8_t* vc, float* vs,
-                     const std::vector<Seg>& segs, int64_t b, int64_t lo, int64_t hi,
-                     const HyperQ8& h, float* g, float* wd, float* m, float* v) {
-  size_t k = std::upper_bound(segs.begin(), segs.end(), lo,
-                              [](int64_t i, const Seg& s) { return i < s.off; }) -
-             segs.begin() - 1;
-  float* pb = p + lo;
-  auto update = [&](const float* gb, auto decay) {
-    q8_block_update(gb, mc + lo, ms[b], vc + lo, vs[b], hi - lo, h.decays, m, v,
-                    [&](int64_t i, float mi, float vi) {
-                      float d = (mi * h.rbc1) / (std::sqrt(vi * h.rbc2 + h.eps_root) + h.eps);
-                      pb[i] = pb[i] + (d + decay(i) * pb[i]) * h.neglr;
-                    });
-  };
-  const Seg& first = segs[k];
-  if (hi <= first.off + first.len) {  // within one leaf: read its gradient in place
-    const float wd_leaf = first.wd;
-    update(first.g + (lo - first.off), [=](int64_t) { return wd_leaf; });
-    return;
-  }
-  for (int64_t i = lo; i < hi; ++k) {  // across leaves: gather the gradients
-    const Seg& s = segs[k];
-    for (const int64_t end = std::min(hi, s.off + s.len); i < end; ++i) {
-      g[i - lo] = s.g[i - s.off];
-      wd[i - lo] = s.wd;
-    }
-  }
-  update(g, [=](int64_t i) { return wd[i]; });
-}
-
-static ffi::Error AdamQ8TreeImpl(ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::U8> mc_in,
-                                 ffi::Buffer<ffi::F32> ms_in, ffi::Buffer<ffi::U8> vc_in,
-                                 ffi::Buffer<ffi::F32> vs_in, ffi::Buffer<ffi::F32> sc,
-                                 ffi::Buffer<ffi::F32> decays, ffi::RemainingArgs grads,
-                                 ffi::ResultBuffer<ffi::F32> po, ffi::ResultBuffer<ffi::U8> mc,
-                                 ffi::ResultBuffer<ffi::F32> ms, ffi::ResultBuffer<ffi::U8> vc,
-                                 ffi::ResultBuffer<ffi::F32> vs, float b1, float omb1, float b2,
-                                 float omb2, float eps, float eps_root, float top, int64_t block,
-                                 int64_t threads, ffi::ThreadPool pool) {
-  const int64_t n = p.element_count();
-  const int64_t nblocks = (n + block - 1) / block;
-  if (block <= 0 || ms->element_count() != nblocks || vs->element_count() != nblocks ||
-      mc->element_count() != n || vc->element_count() != n)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "codes/scales do not match the block");
-  if (po->typed_data() != p.typed_data() || mc->typed_data() != mc_in.typed_data() ||
-      ms->typed_data() != ms_in.typed_data() || vc->typed_data() != vc_in.typed_data() ||
-      vs->typed_data() != vs_in.typed_data())
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "outputs must alias inputs");
-  const float* s = sc.typed_data();  // 1 / (1 - b1^t), 1 / (1 - b2^t), -lr, weight decay
-  std::vector<Seg> segs;
-  ffi::Error err = collect_segments(decays, grads, s[3], n, segs);
-  if (err.failure()) return err;
-  const HyperQ8 h{{b1, omb1, b2, omb2, top}, s[0], s[1], eps, eps_root, s[2]};
-  float* P = po->typed_data();
-  uint8_t* MC = mc->typed_data();
-  uint8_t* VC = vc->typed_data();
-  float* MS = ms->typed_data();
-  float* VS = vs->typed_data();
-  threads = std::max<int64_t>(1, std::min<int64_t>(threads, 64));
-  if (n < (1 << 16)) threads = 1;
-  const int64_t chunk = std::max<int64_t>(1, (1 << 16) / block);  // blocks per grab
-  std::atomic<int64_t> next{0};
-  run_parallel(threads, pool, [=, &segs, &next] {
-    std::vector<float> scratch(4 * block);
-    float* sp = scratch.data();
-    for (int64_t c = next.fetch_add(chunk); c < nblocks; c = next.fetch_add(chunk))
-      for (int64_t b = c; b < std::min(nblocks, c + chunk); ++b)
-        q8_block(P, MC, MS, VC, VS, segs, b, b * block, std::min(n, (b + 1) * block), h, sp,
-                 sp + block, sp + 2 * block, sp + 3 * block);
-  });
-  return ffi::Error::Success();
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdamQ8TreeStep, AdamQ8TreeImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .RemainingArgs()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::U8>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("b1")
-                                  .Attr<float>("omb1")
-                                  .Attr<float>("b2")
-                                  .Attr<float>("omb2")
-                                  .Attr<float>("eps")
-                                  .Attr<float>("eps_root")
-                                  .Attr<float>("top")
-                                  .Attr<int64_t>("block")
-                                  .Attr<int64_t>("threads")
-                                  .Ctx<ffi::ThreadPool>());
-"""
-)
-
-_TARGET = "jadam_packed_adam_step"
-_TARGET_Q8 = "jadam_packed_adam_q8_step"
-
-
-def _build() -> bool:
-    """Compile, load and register the kernels once; False if that is impossible."""
-    # No FMA contraction: XLA's roundings, so q8 codes match the JAX path's.
-    flags = ("-ffp-contract=off", "-fopenmp-simd", "-mprefer-vector-width=512")
-    symbols = {"AdamTreeStep": _TARGET, "AdamQ8TreeStep": _TARGET_Q8}
-    return _native.load("packed_adam", _SOURCE, symbols, flags)
 
 
 def packed_native_available() -> bool:
     """Whether `packed_adam` runs its native kernel here (else the plain-JAX fallback)."""
-    return _build()
+    return dispatch.available("packed_adam")
 
 
 class PackedAdamState(NamedTuple):
@@ -309,7 +73,7 @@ class PackedAdam:
         self.lr, self.b1, self.b2, self.eps, self.eps_root = learning_rate, b1, b2, eps, eps_root
         self.weight_decay, self.mask, self.moments = weight_decay, mask, moments
         self.grad_tx = grad_tx
-        self.threads = threads or _native.cpu_threads()
+        self.threads = threads or 0  # 0: the kernel's default, read when it runs
         self.layout: FlatLayout | None = None
         self.decays: np.ndarray | None = None  # per non-None leaf: 1.0 decays, 0.0 not
 
@@ -369,51 +133,21 @@ class PackedAdam:
         inv_bc2 = 1.0 / -jnp.expm1(c * math.log(self.b2)) if self.b2 else jnp.float32(1)
         scalars = jnp.stack([inv_bc1, inv_bc2, -jnp.asarray(lr), jnp.asarray(wd)])
         scalars = scalars.astype(jnp.float32)
-        if _build() and jax.default_backend() == "cpu" and state.params.size:
-            new = self._native_step(state, count, scalars, leaves)
-        else:
+
+        def jax_path():
             flat_grads = layout.ravel(grads).get("float32", jnp.zeros(0, jnp.float32))
-            new = self._jax_step(state, count, scalars, flat_grads)
-        return new._replace(inner=inner)
+            return self._jax_step(state, scalars, flat_grads)
 
-    def _native_step(self, state, count, scalars, leaves) -> PackedAdamState:
-        hyper = {
-            "b1": np.float32(self.b1),
-            "omb1": np.float32(1.0 - self.b1),
-            "b2": np.float32(self.b2),
-            "omb2": np.float32(1.0 - self.b2),
-            "eps": np.float32(self.eps),
-            "eps_root": np.float32(self.eps_root),
-            "threads": np.int64(self.threads),
-        }
-        decays, grads = jnp.asarray(self.decays), [g.reshape(-1) for g in leaves]
-        if self.moments == "q8":
-            mu, nu = state.mu, state.nu
-            out = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state.params, *mu, *nu)
-            )
-            call = jax.ffi.ffi_call(_TARGET_Q8, out, input_output_aliases={i: i for i in range(5)})
-            p, *codes = call(
-                state.params,
-                *mu,
-                *nu,
-                scalars,
-                decays,
-                *grads,
-                top=np.float32(_q8_kernel.SIGNED_MAP.top),
-                block=np.int64(Q8_BLOCK),
-                **hyper,
-            )
-            return PackedAdamState(
-                count, p, QuantizedMoment(*codes[:2]), QuantizedMoment(*codes[2:])
-            )
-        out = (jax.ShapeDtypeStruct(state.params.shape, jnp.float32),) * 3
-        call = jax.ffi.ffi_call(_TARGET, out, input_output_aliases={0: 0, 1: 1, 2: 2})
-        p, m, v = call(state.params, state.mu, state.nu, scalars, decays, *grads, **hyper)
-        return PackedAdamState(count, p, m, v)
+        p, mu, nu = dispatch.packed_step(
+            state.params, state.mu, state.nu, scalars, self.decays, leaves, b1=self.b1,
+            b2=self.b2, eps=self.eps, eps_root=self.eps_root, threads=self.threads,
+            block=Q8_BLOCK, jax_path=jax_path,
+        )  # fmt: skip
+        return PackedAdamState(count, p, mu, nu, inner)
 
-    def _jax_step(self, state, count, scalars, g) -> PackedAdamState:
-        """The kernels' arithmetic in plain JAX (no compiler, or not on a CPU)."""
+    def _jax_step(self, state, scalars, g):
+        """(params, mu, nu): the kernels' arithmetic in plain JAX (no compiler, or not on
+        a CPU)."""
         inv_bc1, inv_bc2, neg_lr, wd = scalars
         q8 = self.moments == "q8"
         mu = dequantize(state.mu, SIGNED_MAP, Q8_BLOCK) if q8 else state.mu
@@ -426,7 +160,7 @@ class PackedAdam:
         p = state.params + (d + wd * decays * state.params) * neg_lr
         if q8:
             m, v = quantize(m, SIGNED_MAP, Q8_BLOCK), quantize(v, UNSIGNED_MAP, Q8_BLOCK)
-        return PackedAdamState(count, p, m, v)
+        return p, m, v
 
 
 def _like_params(layout: FlatLayout, tree: Any, name: str) -> list[Any]:

@@ -1,4 +1,4 @@
-"""The native bf16-state Adam kernel (`jadam._bf16_kernel`) against a NumPy transcription
+"""The native bf16-state Adam kernel (`jadam/_native/adam_bf16.cc`) against a NumPy transcription
 of the update and of the stochastic rounding, and against the JAX path."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import optax
 import pytest
 
 import jadam
-from jadam import _bf16_kernel, _native
+from jadam import _native
+from jadam._native import dispatch
 from jadam._rounding import _GOLDEN, leaf_words, mix
 
-pytestmark = pytest.mark.skipif(not _bf16_kernel.available(), reason="no C++ compiler here")
+pytestmark = pytest.mark.skipif(not dispatch.available("adam_bf16"), reason="no C++ compiler here")
 
 BF16 = jadam.StochasticRounding("bfloat16", seed=3)
 
@@ -24,7 +25,7 @@ def fresh_jit(fn):
 
 
 def uses_kernel(fn, *args) -> bool:
-    return _bf16_kernel._TARGET in fresh_jit(fn).lower(*args).as_text()
+    return dispatch.ADAM_BF16 in fresh_jit(fn).lower(*args).as_text()
 
 
 def lowbias32(x: np.ndarray) -> np.ndarray:

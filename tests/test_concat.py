@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import jadam
-from jadam import _concat, _native
+from jadam import _native
+from jadam._native import dispatch
 
 
 def parts(dtype, sizes):
@@ -18,12 +19,12 @@ def parts(dtype, sizes):
 
 
 def custom_calls(fn, *args) -> int:
-    return jax.jit(fn).lower(*args).as_text().count(_concat._TARGET)
+    return jax.jit(fn).lower(*args).as_text().count(dispatch.CONCAT)
 
 
 @pytest.fixture
 def native():
-    if not _concat.available():
+    if not dispatch.available("concat"):
         pytest.skip("no C++ compiler here")
 
 
@@ -31,7 +32,7 @@ def native():
 def test_matches_numpy(native, dtype):
     # Zero-size parts, scalars and 2-D parts among them.
     xs = parts(dtype, [3, 0, 1, 1024, 7] * 8) + [jnp.asarray(5, dtype)]
-    fn = lambda *xs: _concat.concatenate(list(xs))  # noqa: E731
+    fn = lambda *xs: dispatch.concatenate(list(xs))  # noqa: E731
     assert custom_calls(fn, *xs) == 1
     got = jax.jit(fn)(*xs)
     assert got.dtype == dtype
@@ -41,16 +42,16 @@ def test_matches_numpy(native, dtype):
 def test_large_parts_cross_thread_chunks(native):
     # 4.9 MB: several 256 KiB chunks, each starting and ending inside a part.
     xs = parts(jnp.float32, [4099] * 300)
-    got = jax.jit(lambda xs: _concat.concatenate(xs))(xs)
+    got = jax.jit(lambda xs: dispatch.concatenate(xs))(xs)
     np.testing.assert_array_equal(got, np.concatenate([np.ravel(x) for x in xs]))
 
 
 def test_fallback_and_few_parts_take_jnp(monkeypatch):
     few = parts(jnp.float32, [3, 4])
-    assert custom_calls(lambda *xs: _concat.concatenate(list(xs)), *few) == 0
+    assert custom_calls(lambda *xs: dispatch.concatenate(list(xs)), *few) == 0
     monkeypatch.setitem(_native.loaded, "concat", False)
     many = parts(jnp.float32, [3] * 40)
-    fn = lambda *xs: _concat.concatenate(list(xs))  # noqa: E731
+    fn = lambda *xs: dispatch.concatenate(list(xs))  # noqa: E731
     assert custom_calls(fn, *many) == 0
     np.testing.assert_array_equal(jax.jit(fn)(*many), np.concatenate([np.ravel(x) for x in many]))
 
@@ -58,16 +59,16 @@ def test_fallback_and_few_parts_take_jnp(monkeypatch):
 def test_differentiable(native):
     xs = parts(jnp.float32, [5, 7, 3] * 10)
     weights = jnp.arange(sum(x.size for x in xs), dtype=jnp.float32)
-    grads = jax.grad(lambda xs: jnp.sum(_concat.concatenate(xs) * weights))(xs)
+    grads = jax.grad(lambda xs: jnp.sum(dispatch.concatenate(xs) * weights))(xs)
     np.testing.assert_array_equal(np.concatenate([np.ravel(g) for g in grads]), weights)
     tangents = [jnp.full_like(x, k) for k, x in enumerate(xs)]
-    _, out = jax.jvp(lambda *xs: _concat.concatenate(list(xs)), tuple(xs), tuple(tangents))
+    _, out = jax.jvp(lambda *xs: dispatch.concatenate(list(xs)), tuple(xs), tuple(tangents))
     np.testing.assert_array_equal(out, np.concatenate([np.ravel(t) for t in tangents]))
 
 
 def test_vmap(native):
     xs = [jnp.arange(6.0).reshape(2, 3) + 10 * k for k in range(20)]
-    got = jax.vmap(lambda *xs: _concat.concatenate(list(xs)))(*xs)
+    got = jax.vmap(lambda *xs: dispatch.concatenate(list(xs)))(*xs)
     want = np.stack([np.concatenate([np.asarray(x[b]) for x in xs]) for b in range(2)])
     np.testing.assert_array_equal(got, want)
 
@@ -75,7 +76,7 @@ def test_vmap(native):
 def test_mixed_dtypes_raise():
     xs = parts(jnp.float32, [3] * 20) + parts(jnp.int32, [2])
     with pytest.raises(TypeError, match="one dtype"):
-        _concat.concatenate(xs)
+        dispatch.concatenate(xs)
 
 
 def test_flat_layout_round_trip_on_many_leaves(native):

@@ -1,4 +1,4 @@
-"""The native q8 Adam kernel (`jadam._q8_kernel`) computes what the JAX path computes."""
+"""The native q8 Adam kernel (`jadam/_native/adam_q8.cc`) computes what the JAX path computes."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import optax
 import pytest
 
 import jadam
-from jadam import _native, _q8_kernel
+from jadam import _native
+from jadam._native import dispatch
 
-pytestmark = pytest.mark.skipif(not _q8_kernel.available(), reason="no C++ compiler here")
+pytestmark = pytest.mark.skipif(not dispatch.available("adam_q8"), reason="no C++ compiler here")
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def fresh_jit(fn):
 
 
 def uses_kernel(fn, *args) -> bool:
-    return _q8_kernel._TARGET in fresh_jit(fn).lower(*args).as_text()
+    return dispatch.ADAM_Q8 in fresh_jit(fn).lower(*args).as_text()
 
 
 def run_updates(tx, steps=5):

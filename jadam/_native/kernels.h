@@ -1,0 +1,182 @@
+// Shared by jadam's CPU kernels (jadam/_native/*.cc): bit casts, the thread-pool helper
+// and the 8-bit moment codes. Every kernel is one translation unit that includes this
+// header, compiled into its own shared library and called through XLA FFI.
+#ifndef JADAM_NATIVE_KERNELS_H_
+#define JADAM_NATIVE_KERNELS_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+inline uint32_t bits_of(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, 4);
+  return b;
+}
+
+inline float float_of(uint32_t b) {
+  float x;
+  std::memcpy(&x, &b, 4);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------
+// Threads
+
+// The default thread count: JADAM_NATIVE_THREADS if it is a positive integer, else the
+// CPUs this process may run on. Read once, at the first kernel call, so that it follows
+// the machine a compiled program runs on, not the one that traced it.
+inline int64_t default_threads() {
+  static const int64_t value = [] {
+    if (const char* env = std::getenv("JADAM_NATIVE_THREADS")) {
+      char* end = nullptr;
+      long n = std::strtol(env, &end, 10);
+      if (end != env && *end == '\0' && n > 0) return int64_t(n);
+    }
+#if defined(__linux__)
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return int64_t(CPU_COUNT(&set));
+#endif
+    return std::max<int64_t>(1, std::thread::hardware_concurrency());
+  }();
+  return value;
+}
+
+// Threads for one call: `requested` if positive (an explicit argument), else the default;
+// at most 64, and one where the work (`size` against `min_size`) is too small to share.
+inline int64_t resolve_threads(int64_t requested, int64_t size, int64_t min_size) {
+  if (size < min_size) return 1;
+  int64_t threads = requested > 0 ? requested : default_threads();
+  return std::max<int64_t>(1, std::min<int64_t>(threads, 64));
+}
+
+// `run_parallel(threads, pool, work)` calls `work()` on the caller and on up to
+// `threads - 1` helpers from XLA's intra-op pool (its threads would otherwise spin beside
+// ours; plain std::threads where it has none). `work` must take its share from a shared
+// counter until none is left. The caller never waits for a helper that has not started:
+// XLA may run several kernels at once on that pool, and a helper queued behind a busy
+// pool thread would deadlock the step. Late helpers find the work closed and return; the
+// state they touch is shared-owned.
+struct ParallelState {
+  std::atomic<int64_t> active{0};
+  std::atomic<bool> closed{false};
+};
+
+template <class Work>
+inline void run_parallel(int64_t threads, ffi::ThreadPool& pool, Work work) {
+  auto state = std::make_shared<ParallelState>();
+  auto helper = [state, work] {
+    state->active.fetch_add(1);
+    if (!state->closed.load()) work();
+    state->active.fetch_sub(1);
+  };
+  std::vector<std::thread> spawned;
+  for (int64_t t = 1; t < threads; ++t) {
+    if (pool.num_threads() > 0)
+      pool.Schedule(decltype(helper)(helper));
+    else
+      spawned.emplace_back(helper);
+  }
+  work();
+  state->closed.store(true);
+  for (auto& t : spawned) t.join();
+  while (state->active.load() > 0) std::this_thread::yield();
+}
+
+// ---------------------------------------------------------------------------------------
+// 8-bit moment codes (jadam._quantize): encode, decode, one block's update
+
+constexpr float pow2(int e) {
+  return e == 0 ? 1.0f : e > 0 ? 2.0f * pow2(e - 1) : 0.5f * pow2(e + 1);
+}
+
+// 8-bit minifloats with 3 mantissa bits and exponent bias EMAX (jadam._quantize.Minifloat):
+// signed e4m3 (EMAX 15, a sign bit) for the first moment, unsigned e5m3 (EMAX 31) for the
+// second. Both directions are branch-free integer and float arithmetic that vectorizes (a
+// 256-entry table compiles to gathers instead, and the whole block update runs slower).
+template <int EMAX, bool SIGNED>
+struct Code {
+  static constexpr int M = 3, SHIFT = 23 - M;
+  static constexpr int32_t OFFSET = (127 - EMAX) << M;
+  static constexpr uint32_t MAX_CODE = SIGNED ? 127 : 255;
+  static constexpr float SUB_STEP = pow2(1 - EMAX - M);  // the subnormal range's spacing
+  static constexpr float SMALLEST_NORMAL = pow2(1 - EMAX);
+  // float32's spacing in [MAGIC, 2 MAGIC) is SUB_STEP: `x + MAGIC` rounds x to the
+  // subnormal grid, to nearest even, as jnp.round(x / SUB_STEP) does.
+  static constexpr float MAGIC = pow2(23 + 1 - EMAX - M);
+
+  static inline float decode(uint8_t c8) {
+    int32_t c = c8;
+    int32_t mag = SIGNED ? (c & 0x7F) : c;
+    uint32_t normal = uint32_t(mag + OFFSET) << SHIFT;  // the exponent field rebiased
+    uint32_t sub = bits_of(float(mag) * SUB_STEP);
+    uint32_t is_normal = 0u - uint32_t(mag >= (1 << M));  // a mask, not a branch
+    uint32_t b = (normal & is_normal) | (sub & ~is_normal);
+    if (SIGNED) b |= uint32_t(c & 0x80) << 24;
+    return float_of(b);
+  }
+
+  // y in [-top, top]: round to nearest (ties of the normal range away from zero, of the
+  // subnormal range to even, as the JAX path does). A NaN's code is irrelevant: its
+  // block's scale is NaN.
+  static inline uint8_t encode(float y) {
+    float mag = std::fabs(y);  // nu's y is >= 0
+    uint32_t normal = ((bits_of(mag) + (1u << (SHIFT - 1))) >> SHIFT) - uint32_t(OFFSET);
+    uint32_t sub = bits_of(mag + MAGIC) - bits_of(MAGIC);
+    uint32_t code = std::min(mag < SMALLEST_NORMAL ? sub : normal, MAX_CODE);
+    if (SIGNED) return uint8_t(code | ((bits_of(y) >> 24) & 0x80u & (0u - uint32_t(code > 0))));
+    return uint8_t(std::max(code, mag > 0.0f ? 1u : 0u));  // nu > 0 never decodes to 0
+  }
+};
+using MuCode = Code<15, true>;
+using NuCode = Code<31, false>;
+
+// One block of `len` entries (pointers at its start): decode and update both moments from
+// g, store the block maxima as the new scales, re-encode, and call `step(i, m_i, v_i)` with
+// each entry's float32 moments (inlined into the vectorized loop). `m`, `v`: scratch.
+struct MomentDecays {
+  float b1, omb1, b2, omb2, top;
+};
+
+template <class Step>
+inline void q8_block_update(const float* g, uint8_t* mc, float& ms, uint8_t* vc, float& vs,
+                            int64_t len, const MomentDecays& h, float* m, float* v, Step step) {
+  const float sm = ms, sv = vs;
+  uint32_t am = 0, av = 0;  // max |x| as bit patterns: a NaN wins, as in jnp.max
+#pragma omp simd reduction(max : am, av)
+  for (int64_t i = 0; i < len; ++i) {
+    float gi = g[i];
+    float mi = h.b1 * (MuCode::decode(mc[i]) * sm) + h.omb1 * gi;
+    float vi = h.b2 * (NuCode::decode(vc[i]) * sv) + h.omb2 * (gi * gi);
+    m[i] = mi;
+    v[i] = vi;
+    am = std::max(am, bits_of(mi) & 0x7FFFFFFFu);
+    av = std::max(av, bits_of(vi) & 0x7FFFFFFFu);
+  }
+  ms = float_of(am) / h.top;
+  vs = float_of(av) / h.top;
+  const float inv_m = ms > 0.0f ? 1.0f / ms : 0.0f;
+  const float inv_v = vs > 0.0f ? 1.0f / vs : 0.0f;
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    mc[i] = MuCode::encode(m[i] * inv_m);
+    vc[i] = NuCode::encode(v[i] * inv_v);
+    step(i, m[i], v[i]);
+  }
+}
+
+#endif  // JADAM_NATIVE_KERNELS_H_
