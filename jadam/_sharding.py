@@ -33,8 +33,12 @@ devices of other processes.
 
 from __future__ import annotations
 
+import errno
 import math
 import re
+import selectors
+import socket
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -427,14 +431,198 @@ def _is_int(x: Any) -> bool:
 
 _ADDRESS = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 
+# The handshake on the coordinator's port that precedes `jax.distributed.initialize`
+# (see `init_distributed`): one line each way, then the socket is closed.
+_HELLO = "jadam-init 1"  # + " <process_id> <num_processes>\n"; 1: version of these lines
+_JAX_START_S = 30  # JAX's wait after the handshake: at least this, time to start its service
+_POLL_S = 0.2  # how often a process retries a coordinator that is not listening yet
+
+
+def _check_address(value: Any, name: str) -> tuple[str, int]:
+    address = value if isinstance(value, str) else ""
+    match = _ADDRESS.match(address)
+    if match is None or not 1 <= int(match.group(1)) <= 65535:
+        raise ValueError(
+            f"{name} must be 'host:port' (e.g. '10.0.0.1:1234') with a port in 1..65535, "
+            f"got {value!r}."
+        )
+    host, port = address.rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+def _ids(ids) -> str:
+    ids = sorted(ids)
+    return f"process{'es' if len(ids) > 1 else ''} {', '.join(map(str, ids))}"
+
+
+def _listen(host: str, port: int, address: str) -> socket.socket:
+    """A socket listening on (host, port), or an OSError saying why it cannot."""
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        raise OSError(f"init_distributed: cannot resolve the coordinator {address}: {e}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # As gRPC does: connections of an earlier run in TIME_WAIT do not make the port busy.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(sockaddr)
+        sock.listen(64)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(
+                f"init_distributed: the coordinator address {address} is already in use on "
+                f"this machine (another program or run listens on port {port}); choose a free "
+                "port for coordinator_address."
+            ) from None
+        raise OSError(
+            f"init_distributed: process 0 cannot listen on {address} ({e.strerror}); run it "
+            "on the machine that coordinator_address names, or pass coordinator_bind_address."
+        ) from None
+    return sock
+
+
+def _gather(listener: socket.socket, n: int, deadline: float, address: str, wait: float) -> None:
+    """Process 0: wait until processes 1..n-1 have said hello, then tell them all to go."""
+    joined: dict[int, socket.socket] = {}
+    pending: dict[socket.socket, bytes] = {}  # connected, hello not read yet
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+
+    def drop(conn: socket.socket) -> None:
+        sel.unregister(conn)
+        pending.pop(conn, None)
+        for pid, c in list(joined.items()):
+            if c is conn:
+                del joined[pid]
+        conn.close()
+
+    def reply(conn: socket.socket, line: str) -> None:
+        try:
+            conn.sendall(line.encode() + b"\n")
+        except OSError:
+            pass
+
+    try:
+        while len(joined) < n - 1:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                missing = set(range(1, n)) - set(joined)
+                for conn in joined.values():
+                    reply(conn, f"missing {','.join(map(str, sorted(missing)))}")
+                raise TimeoutError(
+                    f"init_distributed: after {wait:g} s, {_ids(missing)} of {n} had not joined "
+                    f"the coordinator at {address}; start every process with the same "
+                    "coordinator_address and num_processes, or wait longer with init_timeout."
+                )
+            for key, _ in sel.select(timeout):
+                sock = key.fileobj
+                if sock is listener:
+                    conn, _ = listener.accept()
+                    conn.setblocking(False)
+                    pending[conn] = b""
+                    sel.register(conn, selectors.EVENT_READ)
+                    continue
+                try:
+                    data = sock.recv(256)
+                except OSError:
+                    data = b""
+                if not data:  # gone (a process that gave up, or a port scanner)
+                    drop(sock)
+                    continue
+                if sock not in pending:
+                    continue  # nothing more is expected from a joined process
+                pending[sock] += data
+                if b"\n" not in pending[sock]:
+                    if len(pending[sock]) > 128:
+                        drop(sock)
+                    continue
+                words = pending.pop(sock).split(b"\n")[0].decode("ascii", "replace").split()
+                if (
+                    len(words) != 4
+                    or " ".join(words[:2]) != _HELLO
+                    or not (words[2].isdigit() and words[3].isdigit())
+                ):
+                    drop(sock)  # not a jadam process
+                    continue
+                pid, count = int(words[2]), int(words[3])
+                if count != n:
+                    reply(sock, f"refused process 0 was started with num_processes={n}, "
+                                f"process {pid} with {count}")  # fmt: skip
+                    drop(sock)
+                elif pid in joined or not 0 < pid < n:
+                    reply(sock, f"refused process id {pid} is already taken or outside 1..{n - 1}")
+                    drop(sock)
+                else:
+                    joined[pid] = sock
+        for conn in joined.values():
+            reply(conn, "go")
+    finally:
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()
+        sel.close()
+
+
+def _join(host: str, port: int, pid: int, n: int, deadline: float, address: str, wait: float):
+    """Process `pid` > 0: say hello to the coordinator; return once it says go."""
+    reached = False
+    while True:
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            if reached:
+                raise TimeoutError(
+                    f"init_distributed: process {pid} reached the coordinator at {address}, but "
+                    f"not every one of the {n} processes had joined after {wait:g} s (process 0 "
+                    "names the missing ones); wait longer with init_timeout."
+                )
+            raise TimeoutError(
+                f"init_distributed: after {wait:g} s, no coordinator (process 0) answered at "
+                f"{address}; start process 0 there, check the address and that it can be "
+                "reached from this machine, or wait longer with init_timeout."
+            )
+        try:
+            conn = socket.create_connection((host, port), timeout=min(timeout, 5.0))
+        except OSError:  # not listening yet (or unreachable): retry until the deadline
+            time.sleep(min(_POLL_S, max(0.0, deadline - time.monotonic())))
+            continue
+        with conn:
+            try:
+                conn.sendall(f"{_HELLO} {pid} {n}\n".encode())
+                reached = True
+                line = b""
+                while b"\n" not in line:
+                    conn.settimeout(max(0.01, deadline - time.monotonic()))
+                    data = conn.recv(256)
+                    if not data:
+                        break
+                    line += data
+            except OSError:  # reset or timed out: try again while there is time
+                continue
+        words = line.split(b"\n")[0].decode("ascii", "replace").split(" ", 1)
+        if words[0] == "go":
+            return
+        if words[0] == "missing":
+            missing = [int(w) for w in words[1].split(",")]
+            raise TimeoutError(
+                f"init_distributed: the coordinator at {address} stopped waiting: {_ids(missing)} "
+                f"of {n} had not joined; start every process with the same coordinator_address "
+                "and num_processes, or wait longer with init_timeout."
+            )
+        if words[0] == "refused":
+            raise ValueError(f"init_distributed: the coordinator at {address} refused: {words[1]}.")
+        time.sleep(_POLL_S)  # closed without an answer: something else on the port; retry
+
 
 def init_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
     *,
+    init_timeout: float = 60.0,
     local_device_ids: Sequence[int] | None = None,
-    initialization_timeout: int = 300,
+    coordinator_bind_address: str | None = None,
     heartbeat_timeout_seconds: int = 100,
     shutdown_timeout_seconds: int = 300,
 ) -> None:
@@ -446,17 +634,55 @@ def init_distributed(
     process), or none of them on a Cloud TPU pod, Slurm or Open MPI, where JAX
     detects them. `num_processes=1` returns without starting anything.
 
+    With the three given, the processes first meet on the coordinator's port
+    (one line each way over TCP) and only then start JAX's coordination service,
+    so that each failure is a Python exception: JAX itself, when a peer never
+    comes, aborts the process after its timeout, and segfaults when the port is
+    taken. Process 0 listens on `coordinator_bind_address` (default:
+    `coordinator_address` itself, not every interface; give e.g. "0.0.0.0:1234"
+    where the coordinator's address is not one of its own interfaces, as behind
+    NAT).
+
     Afterwards `jax.devices()` lists the devices of every process, and
     `data_parallel_mesh()` spans them all. On CPU, the processes exchange data
     through gloo (`jax_cpu_collectives_implementation`, the default since JAX
     0.5); on GPU through NCCL, on TPU through ICI/DCN, chosen by JAX.
 
+    A process that dies later is JAX's to detect: the others get an error
+    (`jax.errors.JaxRuntimeError`) from their next collective, or are
+    terminated by JAX once it misses `heartbeat_timeout_seconds` of heartbeats
+    (at once if process 0, which hosts the coordination service, is the one lost).
+
+    Args:
+      coordinator_address: "host:port" of process 0.
+      num_processes: how many processes take part.
+      process_id: this process's rank.
+      init_timeout: seconds to wait for every process (for auto-detected runs:
+        JAX's own `initialization_timeout`, rounded up).
+      local_device_ids: restricts this process to these local devices.
+      coordinator_bind_address: "host:port" process 0 listens on.
+      heartbeat_timeout_seconds, shutdown_timeout_seconds: passed to JAX.
+
     Raises:
       ValueError: only some of the three arguments are given, `num_processes`
-        is not a positive int, `process_id` is outside [0, num_processes), or
-        the address is not "host:port" with a port in 1..65535.
+        is not a positive int, `process_id` is outside [0, num_processes), an
+        address is not "host:port" with a port in 1..65535, `init_timeout` is not
+        a positive finite number, or the processes disagree on `num_processes`
+        or both claim one `process_id`.
+      TimeoutError: not every process joined within `init_timeout`; the message
+        names the coordinator and, as far as this process knows, who is missing.
+      OSError: process 0 cannot listen on the coordinator's address (the port
+        is in use, or the address is not one of this machine's).
       RuntimeError: JAX already initialized its devices, or this was called twice.
     """
+    if (
+        isinstance(init_timeout, bool)
+        or not isinstance(init_timeout, (int, float, np.integer, np.floating))
+        or not 0 < init_timeout < math.inf
+    ):
+        raise ValueError(
+            f"init_timeout must be a positive number of seconds, got {init_timeout!r}."
+        )
     given = [a is not None for a in (coordinator_address, num_processes, process_id)]
     if any(given) and not all(given):
         raise ValueError(
@@ -465,31 +691,45 @@ def init_distributed(
             f"Open MPI); got coordinator_address={coordinator_address!r}, "
             f"num_processes={num_processes!r}, process_id={process_id!r}."
         )
-    if all(given):
-        if not _is_int(num_processes) or num_processes < 1:
-            raise ValueError(f"num_processes must be a positive int, got {num_processes!r}.")
-        if not _is_int(process_id) or not 0 <= process_id < num_processes:
-            raise ValueError(
-                f"process_id must be an int in [0, num_processes={num_processes}), "
-                f"got {process_id!r}."
-            )
-        address = coordinator_address if isinstance(coordinator_address, str) else ""
-        match = _ADDRESS.match(address)
-        if match is None or not 1 <= int(match.group(1)) <= 65535:
-            raise ValueError(
-                "coordinator_address must be 'host:port' (e.g. '10.0.0.1:1234') with a port "
-                f"in 1..65535, got {coordinator_address!r}."
-            )
-        if num_processes == 1:
-            return
+    if not all(given):
+        if jax.distributed.is_initialized():
+            raise RuntimeError("init_distributed: jax.distributed is already initialized.")
+        jax.distributed.initialize(
+            local_device_ids=local_device_ids,
+            initialization_timeout=max(1, math.ceil(init_timeout)),
+            coordinator_bind_address=coordinator_bind_address,
+            heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+            shutdown_timeout_seconds=shutdown_timeout_seconds,
+        )
+        return
+    if not _is_int(num_processes) or num_processes < 1:
+        raise ValueError(f"num_processes must be a positive int, got {num_processes!r}.")
+    if not _is_int(process_id) or not 0 <= process_id < num_processes:
+        raise ValueError(
+            f"process_id must be an int in [0, num_processes={num_processes}), got {process_id!r}."
+        )
+    host, port = _check_address(coordinator_address, "coordinator_address")
+    bind = coordinator_address if coordinator_bind_address is None else coordinator_bind_address
+    bind_host, bind_port = _check_address(bind, "coordinator_bind_address")
+    if num_processes == 1:
+        return
     if jax.distributed.is_initialized():
         raise RuntimeError("init_distributed: jax.distributed is already initialized.")
+    n, pid = int(num_processes), int(process_id)
+    deadline = time.monotonic() + float(init_timeout)
+    if pid == 0:
+        _gather(_listen(bind_host, bind_port, bind), n, deadline, coordinator_address, init_timeout)
+    else:
+        _join(host, port, pid, n, deadline, coordinator_address, init_timeout)
+    # Every process is there: JAX's own wait (which aborts the process when it runs
+    # out) now only covers the service starting on the port process 0 just released.
     jax.distributed.initialize(
         coordinator_address,
-        None if num_processes is None else int(num_processes),
-        None if process_id is None else int(process_id),
+        n,
+        pid,
         local_device_ids=local_device_ids,
-        initialization_timeout=initialization_timeout,
+        initialization_timeout=max(_JAX_START_S, math.ceil(init_timeout)),
+        coordinator_bind_address=bind,
         heartbeat_timeout_seconds=heartbeat_timeout_seconds,
         shutdown_timeout_seconds=shutdown_timeout_seconds,
     )

@@ -30,6 +30,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening_hosts(port: int) -> list[str]:
+    """The local addresses with a TCP socket listening on `port` (Linux /proc/net/tcp*).
+
+    "0.0.0.0" or "::" means every interface; IPv4-mapped IPv6 addresses are given as IPv4.
+    """
+    hosts = []
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = Path("/proc/net", name).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, port_hex = local.split(":")
+            if state != "0A" or int(port_hex, 16) != port:  # 0A: LISTEN
+                continue
+            # Each 32-bit word is in host (little-endian) order.
+            raw = b"".join(bytes.fromhex(addr[i : i + 8])[::-1] for i in range(0, len(addr), 8))
+            if raw[:12] == b"\0" * 10 + b"\xff\xff":  # ::ffff:a.b.c.d is IPv4 a.b.c.d
+                raw = raw[12:]
+            family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+            hosts.append(socket.inet_ntop(family, raw))
+    return sorted(set(hosts))
+
+
 def cpu_env(**extra: str) -> dict[str, str]:
     """This environment on CPU, without XLA_FLAGS (one CPU device per process)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

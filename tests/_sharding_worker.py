@@ -231,7 +231,7 @@ def main(argv=None) -> int:
             args.coordinator,
             args.num_processes,
             args.process_id,
-            initialization_timeout=60,
+            init_timeout=60,
             heartbeat_timeout_seconds=20,
             shutdown_timeout_seconds=20,
         )

@@ -242,6 +242,18 @@ def test_init_distributed_rejects_inconsistent_arguments(args, match):
         jadam.init_distributed(*args)
 
 
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), float("inf"), True, "60"])
+def test_init_distributed_rejects_a_bad_init_timeout(timeout):
+    with pytest.raises(ValueError, match="init_timeout must be a positive number"):
+        jadam.init_distributed("127.0.0.1:1234", 2, 0, init_timeout=timeout)
+
+
+def test_init_distributed_rejects_a_bad_bind_address():
+    with pytest.raises(ValueError, match="coordinator_bind_address must be 'host:port'"):
+        jadam.init_distributed("127.0.0.1:1234", 2, 0, coordinator_bind_address="0.0.0.0")
+    assert not jax.distributed.is_initialized()
+
+
 def test_init_distributed_with_one_process_is_a_no_op():
     assert jadam.init_distributed("[::1]:1234", 1, 0) is None
     assert not jax.distributed.is_initialized()
