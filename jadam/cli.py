@@ -109,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
         help="join a multi-process run that JAX detects (Cloud TPU pod, Slurm, Open MPI)",
     )  # fmt: skip
     d.add_argument(
+        "--init-timeout", type=float, default=60.0, metavar="SECONDS",
+        help="how long to wait for every process to join before giving up with a message "
+        "naming the coordinator and the missing processes (exit status 2)",
+    )  # fmt: skip
+    d.add_argument(
         "--zero1", action="store_true",
         help="split the optimizer state over the devices (ZeRO-1): each stores 1/N of it",
     )  # fmt: skip
@@ -152,20 +157,62 @@ def _join_processes(parser: argparse.ArgumentParser, args) -> None:
         return
     from jadam._sharding import init_distributed
 
+    def flags(msg: str) -> str:
+        for name, flag in (("coordinator_bind_address", "--coordinator"),
+                           ("coordinator_address", "--coordinator"),
+                           ("num_processes", "--num-processes"),
+                           ("process_id", "--process-id"),
+                           ("init_timeout", "--init-timeout")):  # fmt: skip
+            msg = msg.replace(name, flag)
+        return msg.replace("init_distributed: ", "")
+
     try:
         if args.distributed:
-            init_distributed()
+            init_distributed(init_timeout=args.init_timeout)
         else:
-            init_distributed(args.coordinator, args.num_processes, args.process_id)
+            init_distributed(args.coordinator, args.num_processes, args.process_id,
+                             init_timeout=args.init_timeout)  # fmt: skip
     except ValueError as e:
-        msg = str(e)
-        for name, flag in (("coordinator_address", "--coordinator"),
-                           ("num_processes", "--num-processes"),
-                           ("process_id", "--process-id")):  # fmt: skip
-            msg = msg.replace(name, flag)
-        parser.error(msg)
+        parser.error(flags(str(e)))
+    except OSError as e:  # TimeoutError included: peers missing, port in use
+        parser.exit(2, f"jadam train: error: {flags(str(e))}\n")
     except RuntimeError as e:
         parser.error(f"cannot join the processes: {e}")
+    if args.distributed or args.num_processes > 1:
+        _end_at_once_on_collective_errors(args.coordinator)
+
+
+def _end_at_once_on_collective_errors(coordinator: str | None) -> None:
+    """After joining: an exception escaping ``main`` ends this process at once.
+
+    A collective that fails (a ``JaxRuntimeError``, e.g. gloo's "Connection reset by
+    peer" when another process died) gets one line; anything else its traceback. Then
+    the process exits without JAX's shutdown at exit, which would wait for the dead
+    process until the heartbeat timeout and abort with a C++ stack trace. By then the
+    exception has unwound ``_train``: the temporary run folder is already removed.
+    """
+    import jax
+
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if isinstance(value, jax.errors.JaxRuntimeError):
+            first = (str(value).strip().splitlines() or [kind.__name__])[0]
+            try:
+                who = f"process {jax.process_index()} of {jax.process_count()}"
+            except Exception:  # the runtime itself failed: say what is known
+                who = "this process"
+            where = f" (coordinator {coordinator})" if coordinator else ""
+            print(f"jadam train: error: {who} stopped: {first}. Another process probably died "
+                  f"or became unreachable{where}; a run folder is only written whole, at the "
+                  "end, so nothing was saved.", file=sys.stderr)  # fmt: skip
+        else:
+            previous(kind, value, tb)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2 if isinstance(value, jax.errors.JaxRuntimeError) else 1)
+
+    sys.excepthook = hook
 
 
 def _optimizer_options(args) -> dict:
