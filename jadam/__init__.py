@@ -18,6 +18,7 @@ from jadam._aliases import amsgrad as amsgrad
 from jadam._aliases import nadam as nadam
 from jadam._aliases import nadamw as nadamw
 from jadam._aliases import radam as radam
+from jadam._cautious import cautious as cautious
 from jadam._fused import FlatLayout as FlatLayout
 from jadam._fused import FlatState as FlatState
 from jadam._fused import flat as flat
