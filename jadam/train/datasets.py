@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
+import re
 from typing import Any
 
 import numpy as np
 
 BUILTIN = ("breast_cancer", "digits", "iris", "wine")
 _MISSING = ("nan", "na", "n/a", "null", "none", "?")  # cells that mean "no value"
+_TASKS = ("classification", "binary", "multiclass", "regression")
+_F32_MAX = float(np.finfo(np.float32).max)  # features and targets are trained as float32
 
 
 @dataclasses.dataclass
@@ -40,6 +44,7 @@ class Dataset:
     classes: list[Any] | None  # class labels in index order (classification)
     mean: np.ndarray  # standardization fitted on x_train (zeros if standardize=False)
     std: np.ndarray  # ones if standardize=False
+    columns: list[str] | None = None  # the file's columns in order, target included
 
     @property
     def loss(self) -> str:
@@ -75,6 +80,7 @@ class Dataset:
             "classes": None if self.classes is None else [_jsonable(c) for c in self.classes],
             "mean": self.mean.tolist(),
             "std": self.std.tolist(),
+            "columns": None if self.columns is None else list(self.columns),
         }
 
 
@@ -98,13 +104,21 @@ def load(
 ) -> Dataset:
     """A built-in dataset by name, or a CSV / NPY / NPZ file with a named target column.
 
-    For files: CSV needs a header row and ``target`` names a column; NPZ holds the
-    target under the key ``target`` and the features under ``x`` (or every other key,
-    concatenated as columns); NPY holds a structured array whose field ``target`` is
-    the label, or a plain 2-D array where ``target`` is a column index. ``task`` is
-    inferred from the labels (0/1: binary; few integers or strings: multiclass; else
-    regression) unless given.
+    For files: in a CSV (read by :func:`read_csv`) ``target`` names a column, or is
+    a column index when the file has no header row (the other columns are then
+    named ``x0``, ``x1``, ...); NPZ holds the target under the key ``target`` and the
+    features under ``x`` (or every other key, concatenated as columns); NPY holds a
+    structured array whose field ``target`` is the label, or a plain 2-D array where
+    ``target`` is a column index.
+
+    ``task`` is ``"classification"``, ``"regression"``, ``"binary"`` or
+    ``"multiclass"``; by default it is inferred from the labels: strings or
+    integers that are only 0/1 are binary, up to 50 distinct non-negative integers
+    multiclass, anything else (e.g. -1/0/1) regression. ``"classification"`` makes
+    any integer or string labels classes (binary when there are two).
     """
+    if task is not None and task not in _TASKS:
+        raise ValueError(f"task must be one of {list(_TASKS)} or None, got {task!r}")
     if not 0 <= val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ValueError(
             f"need 0 <= val_fraction, 0 < test_fraction and their sum < 1; "
@@ -113,19 +127,27 @@ def load(
     sname = os.fspath(name)
     if sname in BUILTIN:
         x, y, features, tname, classes, inferred = _builtin(sname)
+        columns = [*features, tname]
     elif os.path.splitext(sname)[1].lower() in (".csv", ".npy", ".npz"):
         if target is None:
             raise ValueError(f"loading {sname!r} needs target=<name of the label column>")
-        x, y_raw, features, tname = read_table(sname, target)
+        x, y_raw, features, tname, columns = _read_table(sname, target)
         y, classes, inferred = _encode_target(y_raw, task)
     else:
         raise ValueError(
             f"unknown dataset {sname!r}: use one of {list(BUILTIN)} or a .csv/.npy/.npz path"
         )
-    task = task or inferred
-    if task not in ("binary", "multiclass", "regression"):
-        raise ValueError(f"task must be 'binary', 'multiclass' or 'regression', got {task!r}")
+    if task in (None, "classification"):
+        task = inferred
+    elif task != "regression" and inferred == "regression":
+        raise ValueError(f"task {task!r} needs class labels; {sname} has regression targets")
+    if task == "binary" and len(classes) != 2:
+        raise ValueError(
+            f"task 'binary' needs 2 classes; {sname} has {len(classes)} classes: use "
+            "'classification' or 'multiclass'"
+        )
     check_finite(x, "features")
+    _check_float32(x, "features", sname)
     if len(x) < 3:
         raise ValueError(f"dataset {sname!r} has {len(x)} rows; need at least 3 to split")
 
@@ -141,6 +163,10 @@ def load(
         )
     else:
         train, val = rest, rest[:0]
+    if task == "regression":
+        _check_float32(y, "targets", sname)
+    elif len(classes) < 2:
+        raise ValueError(f"{sname}: classification needs at least 2 classes, got {classes}")
     x = x.astype(np.float32)
     if standardize:
         mean = x[train].mean(axis=0)
@@ -158,7 +184,7 @@ def load(
         x_val=xs[val], y_val=y[val],
         x_test=xs[test], y_test=y[test],
         feature_names=list(features), target=tname, task=task, classes=classes,
-        mean=mean, std=std,
+        mean=mean, std=std, columns=list(columns),
     )  # fmt: skip
 
 
@@ -185,27 +211,49 @@ def _builtin(name: str):
 
 
 def _encode_target(y_raw: np.ndarray, task: str | None):
-    """Labels -> numbers; string labels become class indices in sorted order."""
+    """Labels -> ``(y, classes, task)``; classes are sorted, ``y`` holds their indices."""
     if y_raw.dtype.kind in "USO":
+        if task == "regression":
+            raise ValueError(
+                f"task 'regression' needs numeric targets; the target holds text such as "
+                f"{str(y_raw[0])!r}"
+            )
         classes = sorted({str(v) for v in y_raw})
         lookup = {c: i for i, c in enumerate(classes)}
         y = np.array([lookup[str(v)] for v in y_raw], np.int64)
-        inferred = "binary" if len(classes) == 2 else "multiclass"
-        return y, classes, inferred
+        return y, classes, "binary" if len(classes) == 2 else "multiclass"
     y = y_raw.astype(np.float64)
     check_finite(y, "target")
-    integral = np.all(y == np.round(y))
-    uniq = np.unique(y)
-    if task == "regression" or not integral:
+    if task == "regression":
         return y, None, "regression"
+    whole = y == np.round(y)
+    if task is not None:  # classification asked for: every integer value is a class
+        if not np.all(whole):
+            bad = y[np.argmin(whole)]
+            raise ValueError(
+                f"classification needs integer or string labels; the target holds {bad:g}"
+            )
+        classes = [int(c) for c in np.unique(y)]
+        return _indices(y, classes), classes, "binary" if len(classes) == 2 else "multiclass"
+    if not np.all(whole):
+        return y, None, "regression"
+    uniq = np.unique(y)
     if set(uniq.tolist()) <= {0.0, 1.0}:
         return y.astype(np.int64), [0, 1], "binary"
     if len(uniq) <= 50 and uniq.min() >= 0:
-        if task in (None, "multiclass", "binary"):
-            classes = [int(c) for c in uniq]
-            lookup = {c: i for i, c in enumerate(classes)}
-            return np.array([lookup[int(v)] for v in y], np.int64), classes, "multiclass"
+        classes = [int(c) for c in uniq]
+        return _indices(y, classes), classes, "multiclass"
     return y, None, "regression"
+
+
+def _indices(y: np.ndarray, classes: list[int]) -> np.ndarray:
+    return np.searchsorted(np.asarray(classes, np.float64), y).astype(np.int64)
+
+
+def _check_float32(a: np.ndarray, what: str, name: str) -> None:
+    a = np.asarray(a)
+    if a.dtype.kind == "f" and a.size and np.abs(a).max() > _F32_MAX:
+        raise ValueError(f"{name}: {what} exceed float32's range (+-3.4e38); rescale them")
 
 
 def check_finite(a: np.ndarray, what: str) -> None:
@@ -221,28 +269,36 @@ def check_finite(a: np.ndarray, what: str) -> None:
 
 
 def read_table(path: str, target: str | int):
-    """Raw features and target from a file: ``(x, y, feature_names, target_name)``."""
+    """Raw features and target from a file: ``(x, y, feature_names, target_name)``.
+
+    In a CSV the target is matched by name as :func:`column_key` compares them, or
+    is a column index when the file has no header row; ``target_name`` is the
+    file's own spelling.
+    """
+    return _read_table(path, target)[:4]
+
+
+def _read_table(path: str, target: str | int):
+    """:func:`read_table` plus the file's column names in order, target included."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such data file: {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".csv":
         header, cols = read_csv(path)
-        if str(target) not in header:
-            raise ValueError(f"target column {target!r} not in {path}; columns: {header}")
-        t = header.index(str(target))
+        if header is None:
+            t = _column_index(target, len(cols), path)
+            names = [f"x{i}" for i in range(len(cols) - 1)]
+            header = [*names[:t], str(t), *names[t:]]
+        else:
+            keys = [column_key(h) for h in header]
+            if column_key(str(target)) not in keys:
+                raise ValueError(
+                    f"target column {target!r} not in {path}; columns: {_short(header)}"
+                )
+            t = keys.index(column_key(str(target)))
         feats = [h for i, h in enumerate(header) if i != t]
         x = np.stack([_numeric(cols[i], header[i], path) for i in range(len(header)) if i != t], 1)
-        y_cells = cols[t]
-        for i, c in enumerate(y_cells):
-            if c == "" or c.lower() in _MISSING:
-                raise ValueError(
-                    f"{path}: missing value in column {header[t]!r} at data row {i + 1}"
-                )
-        if all(_is_float(c) for c in y_cells):
-            y = _numeric(y_cells, header[t], path)
-        else:
-            y = np.array(y_cells, dtype=object)  # class names: encoded by the caller
-        return x, y, feats, str(target)
+        return x, _target(cols[t], header[t], path), feats, header[t], header
     if ext == ".npz":
         # allow_pickle=False: loading a file never executes code from it.
         with np.load(path, allow_pickle=False) as z:
@@ -262,7 +318,7 @@ def read_table(path: str, target: str | int):
             feats = [f"x{i}" for i in range(x.shape[1])]
         if len(y) != len(x):
             raise ValueError(f"{path}: {len(x)} feature rows but {len(y)} targets")
-        return x.astype(np.float64), y.reshape(-1), feats, str(target)
+        return x.astype(np.float64), y.reshape(-1), feats, str(target), [*feats, str(target)]
     if ext == ".npy":
         a = np.load(path, allow_pickle=False)
         if a.dtype.names:
@@ -270,7 +326,7 @@ def read_table(path: str, target: str | int):
                 raise ValueError(f"target field {target!r} not in {path}; fields: {a.dtype.names}")
             feats = [n for n in a.dtype.names if n != str(target)]
             x = np.stack([a[n].astype(np.float64) for n in feats], 1)
-            return x, a[str(target)], feats, str(target)
+            return x, a[str(target)], feats, str(target), list(a.dtype.names)
         if a.ndim != 2:
             raise ValueError(f"{path}: expected a 2-D array or a structured array, got {a.shape}")
         try:
@@ -281,27 +337,149 @@ def read_table(path: str, target: str | int):
             ) from None
         t = t % a.shape[1]
         x = np.delete(a, t, axis=1).astype(np.float64)
-        return x, a[:, t], [f"x{i}" for i in range(x.shape[1])], str(t)
+        feats = [f"x{i}" for i in range(x.shape[1])]
+        return x, a[:, t], feats, str(t), [*feats[:t], str(t), *feats[t:]]
     raise ValueError(f"unsupported data file {path!r}: use .csv, .npy or .npz")
 
 
-def read_csv(path: str) -> tuple[list[str], list[list[str]]]:
-    """Header and columns of cells; a ragged or empty file is an error naming the row."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    rows = [r for r in rows if any(c.strip() for c in r)]
+def _column_index(target: str | int, width: int, path: str) -> int:
+    try:
+        t = int(target)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{path} has no header row (its first row holds only numbers), so the target "
+            f"must be a column index (0 .. {width - 1}, or -1 for the last), not {target!r}"
+        ) from None
+    if not -width <= t < width or width < 2:
+        raise ValueError(f"{path} has {width} columns: target index {t} is out of range")
+    return t % width
+
+
+def _target(cells: list[str], column: str, path: str) -> np.ndarray:
+    """Target cells as numbers, or as an object array of class names."""
+    for i, c in enumerate(cells):
+        if c == "" or c.lower() in _MISSING:
+            raise ValueError(f"{path}: missing value in column {column!r} at data row {i + 1}")
+    if all(_is_float(c) for c in cells):
+        return _numeric(cells, column, path)
+    return np.array(cells, dtype=object)  # class names: encoded by the caller
+
+
+def column_key(name: str) -> str:
+    """How column names are compared: ignoring case, spaces, ``_`` and ``-``.
+
+    >>> column_key("Mean Radius") == column_key("mean_radius") == column_key("MEAN-RADIUS")
+    True
+    """
+    return re.sub(r"[\s_-]+", "", name).casefold()
+
+
+# Tried in this order; a tie in the number of columns goes to the earlier one.
+_DELIMITERS = (",", ";", "\t")
+_SNIFF_ROWS = 50  # rows that decide the delimiter
+
+
+def read_csv(path: str) -> tuple[list[str] | None, list[list[str]]]:
+    """Header row and columns of cells (stripped of surrounding spaces) of a CSV file.
+
+    - Text is UTF-8, with or without a byte-order mark.
+    - The delimiter is ``,``, ``;`` or a tab: whichever splits the first rows into
+      the same number of cells, the most of them (quoted cells may hold any of the
+      three).
+    - A first row made only of numbers (and empty cells) is data, not a header:
+      the header is then ``None``.
+    - Column names must differ as :func:`column_key` compares them.
+
+    Blank lines are skipped. Errors name the file, and the line where there is one:
+    an empty file, a row with another number of cells, duplicate column names,
+    text that is not UTF-8.
+    """
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
+        ) from None
+    delimiter = _delimiter(text)
+    rows, lines = [], []
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    try:
+        for r in reader:
+            if any(c.strip() for c in r):
+                rows.append([c.strip() for c in r])
+                lines.append(reader.line_num)
+    except csv.Error as e:
+        raise ValueError(f"{path} line {reader.line_num}: {e}") from None
     if not rows:
         raise ValueError(f"{path} is empty")
-    header = [h.strip() for h in rows[0]]
-    if len(rows) < 2:
-        raise ValueError(f"{path} has a header but no data rows")
-    cols: list[list[str]] = [[] for _ in header]
-    for lineno, r in enumerate(rows[1:], start=2):
-        if len(r) != len(header):
-            raise ValueError(f"{path} row {lineno}: {len(r)} cells, header has {len(header)}")
-        for i, c in enumerate(r):
-            cols[i].append(c.strip())
+    first = rows[0]
+    header = None if _numbers_only(first) else first
+    if header is not None:
+        _check_unique(header, path)
+        if len(rows) < 2:
+            raise ValueError(f"{path} has a header but no data rows")
+    body = rows[1:] if header is not None else rows
+    cols: list[list[str]] = [[] for _ in first]
+    for r, line in zip(body, lines[len(rows) - len(body) :], strict=True):
+        if len(r) != len(first):
+            what = "the header" if header is not None else "the first row"
+            raise ValueError(f"{path} row {line}: {len(r)} cells, {what} has {len(first)}")
+        for col, c in zip(cols, r, strict=True):
+            col.append(c)
     return header, cols
+
+
+def _delimiter(text: str) -> str:
+    """The delimiter that splits the first rows evenly into the most cells.
+
+    Ties go to the one that reads more rows (a quote opened by a wrong delimiter
+    swallows the lines after it), then to the earlier in ``_DELIMITERS``. When none
+    splits them evenly into several cells, the one that splits the first row into
+    the most: a ragged file is then reported as such.
+    """
+    even, first_row = {}, {}
+    for d in _DELIMITERS:
+        widths: list[int] = []
+        try:
+            for r in csv.reader(io.StringIO(text), delimiter=d):
+                if any(c.strip() for c in r):
+                    widths.append(len(r))
+                    if len(widths) >= _SNIFF_ROWS or len(set(widths)) > 1:
+                        break
+        except csv.Error:
+            continue
+        if widths:
+            first_row[d] = widths[0]
+            if len(set(widths)) == 1 and widths[0] > 1:
+                even[d] = (len(widths), widths[0])
+    if even:
+        return max(even, key=even.get)  # max returns the first of equals
+    if first_row and max(first_row.values()) > 1:
+        return max(first_row, key=first_row.get)
+    return ","
+
+
+def _numbers_only(row: list[str]) -> bool:
+    cells = [c for c in row if c != "" and c.lower() not in _MISSING]
+    return bool(cells) and all(_is_float(c) for c in cells)
+
+
+def _check_unique(header: list[str], path: str) -> None:
+    groups: dict[str, list[int]] = {}
+    for i, h in enumerate(header):
+        groups.setdefault(column_key(h), []).append(i)
+    dups = [g for g in groups.values() if len(g) > 1]
+    if dups:
+        parts = []
+        for g in dups:
+            spellings = list(dict.fromkeys(header[i] for i in g))
+            where = ", ".join(str(i + 1) for i in g)
+            parts.append(f"{' = '.join(repr(n) for n in spellings)} (columns {where})")
+        raise ValueError(
+            f"duplicate column names in {path}: {'; '.join(parts)}; names are compared "
+            "ignoring case, spaces, '_' and '-': rename or drop the copies"
+        )
 
 
 def _is_float(c: str) -> bool:
@@ -325,21 +503,86 @@ def _numeric(cells: list[str], column: str, path: str) -> np.ndarray:
             ) from None
         if not np.isfinite(out[i]):
             raise ValueError(f"{path}: infinite value in column {column!r} at data row {i + 1}")
+        if abs(out[i]) > _F32_MAX:
+            raise ValueError(
+                f"{path}: value {c!r} in column {column!r} at data row {i + 1} is beyond "
+                "float32's range (+-3.4e38)"
+            )
     return out
 
 
-def read_features_csv(path: str, feature_names: list[str]) -> np.ndarray:
-    """Feature columns (by name, in ``feature_names`` order) of a CSV, as float32.
+def _short(names: list[str], n: int = 8) -> str:
+    return repr(list(names[:n]))[:-1] + (f", ... {len(names) - n} more]" if len(names) > n else "]")
 
-    Extra columns (e.g. the target) are ignored; a missing one is an error.
+
+def _locate(path, header, width, feature_names, target, columns, need_target):
+    """Column index of each feature, and of the target (or None), in a CSV's header."""
+    if header is None:
+        if not need_target and width == len(feature_names):
+            return list(range(width)), None
+        if columns is not None and width == len(columns):
+            header = list(columns)  # the training file's order, target included
+        else:
+            wanted = list(columns) if columns is not None else list(feature_names)
+            raise ValueError(
+                f"{path} has no header row and {width} columns, but the run was trained on "
+                f"{len(feature_names)} features{' and a target' if need_target else ''}: give "
+                f"the columns {_short(wanted)} in this order, or a header row with their names"
+            )
+    index = {column_key(h): i for i, h in enumerate(header)}  # unique: read_csv checks
+    wanted = list(feature_names) + ([target] if need_target else [])
+    missing = [f for f in wanted if column_key(f) not in index]
+    used = {column_key(f) for f in wanted} | ({column_key(target)} if target else set())
+    extra = [h for h in header if column_key(h) not in used]
+    if missing or extra:
+        parts = ([f"lacks columns {_short(missing)}"] if missing else []) + (
+            [f"has extra columns {_short(extra)}"] if extra else []
+        )
+        raise ValueError(
+            f"{path} {' and '.join(parts)}; the run was trained on {_short(wanted)} (names "
+            "are compared ignoring case, spaces, '_' and '-')"
+        )
+    t = index[column_key(target)] if need_target else None
+    return [index[column_key(f)] for f in feature_names], t
+
+
+def read_features_csv(
+    path: str,
+    feature_names: list[str],
+    *,
+    target: str | None = None,
+    columns: list[str] | None = None,
+) -> np.ndarray:
+    """Feature columns of a CSV in ``feature_names`` order, as float32 (see :func:`read_csv`).
+
+    Names match as :func:`column_key` compares them, in any order; a missing or an
+    extra column is an error naming them, except the training ``target``, which
+    may be present and is ignored. A file without a header row is read in training
+    order: its columns are the features when their number matches, or the training
+    file's ``columns`` (target included) when that number matches.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such input file: {path}")
     header, cols = read_csv(path)
-    missing = [f for f in feature_names if f not in header]
-    if missing:
-        raise ValueError(
-            f"{path} lacks feature columns {missing[:5]}{'...' if len(missing) > 5 else ''}"
-        )
-    x = np.stack([_numeric(cols[header.index(f)], f, path) for f in feature_names], 1)
+    idx, _ = _locate(path, header, len(cols), feature_names, target, columns, False)
+    names = header or feature_names
+    x = np.stack([_numeric(cols[i], names[i] if header else f, path)
+                  for i, f in zip(idx, feature_names, strict=True)], 1)  # fmt: skip
     return x.astype(np.float32)
+
+
+def read_labelled_csv(
+    path: str, feature_names: list[str], target: str, *, columns: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features (float32, in ``feature_names`` order) and raw target cells of a CSV.
+
+    As :func:`read_features_csv`, but the target column must be there; without a
+    header row the file's columns must be the training file's ``columns``.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such data file: {path}")
+    header, cols = read_csv(path)
+    idx, t = _locate(path, header, len(cols), feature_names, target, columns, True)
+    names = header or list(columns)
+    x = np.stack([_numeric(cols[i], names[i], path) for i in idx], 1).astype(np.float32)
+    return x, _target(cols[t], names[t], path)
