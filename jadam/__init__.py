@@ -25,6 +25,7 @@ from jadam._fused import flat as flat
 from jadam._fused import flat_layout as flat_layout
 from jadam._nadam import ScaleByNadamState as ScaleByNadamState
 from jadam._nadam import scale_by_nadam as scale_by_nadam
+from jadam._native.loader import native_status as native_status
 from jadam._numerics import CONVENTIONS as CONVENTIONS
 from jadam._packed import PackedAdam as PackedAdam
 from jadam._packed import PackedAdamState as PackedAdamState

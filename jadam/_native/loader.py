@@ -40,7 +40,7 @@ HEADER = "kernels.h"
 
 # No FMA contraction in the arithmetic kernels: XLA's roundings, so that stored codes and
 # bf16 moments match the JAX path's bit for bit.
-_EXACT = ("-fopenmp-simd", "-ffp-contract=off")
+_EXACT = ("-ffp-contract=off",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,16 @@ KERNELS: dict[str, Kernel] = {
     )
 }
 
-COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno")
+# -fopenmp-simd: the `#pragma omp simd` loops, without OpenMP's runtime.
+COMMON_FLAGS = (
+    "-O3",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    "-pthread",
+    "-fno-math-errno",
+    "-fopenmp-simd",
+)
 WARNINGS = ("-Wall", "-Wextra")
 ARCH_LEVELS = ("native", "x86-64-v3", "x86-64-v4")
 _X86 = ("x86_64", "amd64")
@@ -84,6 +93,7 @@ _lock = threading.RLock()
 loaded: dict[str, bool] = {}  # kernel name -> usable here; tests set False to force the fallback
 errors: dict[str, str] = {}  # kernel name -> why it could not be built or loaded
 libraries: dict[str, str] = {}  # kernel name -> the library loaded
+compiled: set[str] = set()  # kernels compiled by this process (the others came from the cache)
 
 
 class NativeError(RuntimeError):
@@ -95,11 +105,11 @@ class KernelStatus(NamedTuple):
 
     name: str
     state: str  # "loaded", "built" (cached, not loaded yet), "not built", "unavailable", "off"
-    reason: str  # why it is unavailable or off, or what happens next; "" when loaded
+    reason: str  # why it is unavailable or off, what happens next, or where it came from
     library: str | None  # the shared library, where there is one
 
     def __str__(self) -> str:
-        detail = self.library if self.state in ("loaded", "built") else self.reason
+        detail = "; ".join(x for x in (self.reason, self.library) if x)
         return f"{self.name}: {self.state}" + (f" ({detail})" if detail else "")
 
 
@@ -169,9 +179,9 @@ def isa() -> str:
 def flags(kernel: Kernel, *, werror: bool = False) -> list[str]:
     """The compiler flags for `kernel` on this CPU (no x86 flag elsewhere)."""
     out = [*COMMON_FLAGS, *WARNINGS, *(("-Werror",) if werror else ()), *kernel.flags]
-    machine = platform.machine().lower()
+    level, machine = arch(), platform.machine().lower()
     if machine in _X86:
-        out.append(f"-march={arch()}")
+        out.append(f"-march={level}")
         if kernel.wide_vectors and isa() == "x86-64-v4":
             out.append("-mprefer-vector-width=512")
     elif machine in ("aarch64", "arm64", "ppc64le", "ppc64") and platform.system() == "Linux":
@@ -333,14 +343,22 @@ def _register(kernel: Kernel, library: str) -> None:
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 
-def _load(kernel: Kernel) -> str:
-    """Build (if needed), verify and register `kernel`; the library's path."""
+def ensure_built(kernel: Kernel) -> str:
+    """The verified library of `kernel` in the cache, built first if it is missing or does
+    not match its record (truncated, corrupt or foreign)."""
     cache = _safe_cache_dir()
     library, record = _paths(kernel, cache)
     if not _verified(library, record):
         _compile(kernel, library, record, cache)
+        compiled.add(kernel.name)
         if not _verified(library, record):
             raise NativeError(f"{library} changed while it was being built: try again")
+    return library
+
+
+def _load(kernel: Kernel) -> str:
+    """Build (if needed), verify and register `kernel`; the library's path."""
+    library = ensure_built(kernel)
     _register(kernel, library)
     return library
 
@@ -385,7 +403,8 @@ def status() -> dict[str, KernelStatus]:
     out = {}
     for name, kernel in KERNELS.items():
         if loaded.get(name):
-            out[name] = KernelStatus(name, "loaded", "", libraries.get(name))
+            how = "compiled now" if name in compiled else "from the cache"
+            out[name] = KernelStatus(name, "loaded", how, libraries.get(name))
         elif name in errors:
             out[name] = KernelStatus(name, "unavailable", errors[name], None)
         elif name in loaded:
@@ -395,16 +414,22 @@ def status() -> dict[str, KernelStatus]:
     return out
 
 
+native_status = status  # its public name: jadam.native_status
+
+
 def _cached_status(kernel: Kernel) -> KernelStatus:
     try:
         if mode() == "off":
             return KernelStatus(kernel.name, "off", "JADAM_NATIVE=0", None)
         cache = _safe_cache_dir()
         library, record = _paths(kernel, cache)
-    except (NativeError, ValueError) as err:
+    except (NativeError, ValueError, OSError) as err:
         return KernelStatus(kernel.name, "unavailable", str(err), None)
     if _verified(library, record):
         return KernelStatus(kernel.name, "built", "loads at first use", library)
     return KernelStatus(
-        kernel.name, "not built", "compiles at first use (or: python -m jadam.native build)", None
+        kernel.name,
+        "not built",
+        "compiles at first use, or run: python -m jadam.native build",
+        None,
     )
