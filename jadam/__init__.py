@@ -23,6 +23,8 @@ from jadam._fused import FlatLayout as FlatLayout
 from jadam._fused import FlatState as FlatState
 from jadam._fused import flat as flat
 from jadam._fused import flat_layout as flat_layout
+from jadam._groups import decay_mask as decay_mask
+from jadam._groups import param_groups as param_groups
 from jadam._nadam import ScaleByNadamState as ScaleByNadamState
 from jadam._nadam import scale_by_nadam as scale_by_nadam
 from jadam._native.loader import native_status as native_status
