@@ -19,6 +19,9 @@ from jadam._aliases import nadam as nadam
 from jadam._aliases import nadamw as nadamw
 from jadam._aliases import radam as radam
 from jadam._cautious import cautious as cautious
+from jadam._ema import EmaParamsState as EmaParamsState
+from jadam._ema import ema_params as ema_params
+from jadam._ema import ema_params_of as ema_params_of
 from jadam._fused import FlatLayout as FlatLayout
 from jadam._fused import FlatState as FlatState
 from jadam._fused import flat as flat

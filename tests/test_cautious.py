@@ -156,7 +156,8 @@ def test_nan_updates_stay_nan():
 def test_bf16_updates_keep_their_dtype():
     params = {"x": jnp.ones(8, jnp.bfloat16)}
     tx = jadam.cautious(jadam.adam(1e-2))
-    u, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    with jax.numpy_dtype_promotion("strict"):
+        u, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     assert u["x"].dtype == jnp.bfloat16
 
 
