@@ -69,14 +69,16 @@ def scale_by_adopt(
       nesterov: Nesterov momentum, as above.
       use_clipping: clip the normalised gradient to :math:`[-c_t, c_t]`.
       clip_value_fn: :math:`c` as a function of the number of previous steps
-        (a float array: 1, 2, ...).
+        (a float array: 1, 2, ...), or a number >= 0 for a constant clip.
       mu_dtype, nu_dtype: storage of each moment, as in `jadam.scale_by_adam`.
     """
     nx.check_decay("b1", b1)
     nx.check_decay("b2", b2)
     nx.check_nonnegative("eps", eps)
     if not callable(clip_value_fn):
-        raise ValueError(f"clip_value_fn must be a function of the step, got {clip_value_fn!r}.")
+        # A number is a constant clip; optax.inject_hyperparams passes the function's
+        # value at the current step this way.
+        nx.check_nonnegative("clip_value_fn", clip_value_fn)
     mu_store = resolve_storage("mu_dtype", mu_dtype)
     nu_store = resolve_storage("nu_dtype", nu_dtype)
 
@@ -103,7 +105,10 @@ def scale_by_adopt(
             safe_v = jnp.where(first, 1, v_prev)
             normalised = g32 / jnp.maximum(jnp.sqrt(safe_v), eps)
             if use_clipping:
-                clip = jnp.asarray(clip_value_fn(state.count.astype(dtype))).astype(dtype)
+                clip = clip_value_fn
+                if callable(clip):
+                    clip = clip(state.count.astype(dtype))
+                clip = jnp.asarray(clip).astype(dtype)
                 normalised = jnp.clip(normalised, -clip, clip)
             # The first step stores g^2 and leaves m (and the parameters) alone.
             normalised = jnp.where(first, 0, normalised)

@@ -33,11 +33,13 @@ class ScheduleFreeAdamWState(NamedTuple):
     nu: Any  # second moment of the gradients (nu_dtype)
 
 
-def _warmup(step: jax.Array, warmup_steps: int | None, dtype: Any) -> Any:
-    """min(step / warmup_steps, 1), or 1 without a warmup."""
-    if not warmup_steps:
+def _warmup(step: jax.Array, warmup_steps: Any, dtype: Any) -> Any:
+    """min(step / warmup_steps, 1), or 1 without a warmup (None or 0)."""
+    if warmup_steps is None or nx.concrete_float(warmup_steps) == 0:
         return 1
-    return jnp.minimum(step.astype(dtype) / warmup_steps, 1)
+    # An array under optax.inject_hyperparams: 0 still means no warmup.
+    steps = jnp.asarray(warmup_steps).astype(dtype)
+    return jnp.where(steps > 0, jnp.minimum(step.astype(dtype) / jnp.maximum(steps, 1), 1), 1)
 
 
 def schedule_free_adamw(
@@ -119,10 +121,12 @@ def schedule_free_adamw(
             "convention='pytorch' has no schedule-free AdamW (torch.optim has none to "
             "match); use convention='optax' or 'keras'."
         )
-    if warmup_steps is not None and not (
-        isinstance(warmup_steps, int) and not isinstance(warmup_steps, bool) and warmup_steps >= 0
-    ):
-        raise ValueError(f"warmup_steps must be None or an int >= 0, got {warmup_steps!r}.")
+    if warmup_steps is not None:
+        number = nx.check_number("warmup_steps", warmup_steps)
+        if isinstance(warmup_steps, bool) or (
+            number is not None and not (number >= 0 and float(number).is_integer())
+        ):
+            raise ValueError(f"warmup_steps must be None or an int >= 0, got {warmup_steps!r}.")
     if weight_lr_power is None:
         weight_lr_power = 2.0
     elif convention == "keras":
