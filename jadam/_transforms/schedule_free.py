@@ -108,8 +108,8 @@ def schedule_free_adamw(
       >>> state = tx.init(params)
       >>> updates, state = tx.update({"w": jnp.array([1.0, -1.0])}, state, params)
       >>> params = optax.apply_updates(params, updates)
-      >>> jadam.schedule_free_eval_params(state, params)["w"].round(3)
-      Array([ 0.9, -0.9], dtype=float32)
+      >>> [round(float(x), 3) for x in jadam.schedule_free_eval_params(state, params)["w"]]
+      [0.9, -0.9]
     """
     check_alias_args(learning_rate, weight_decay)
     nx.check_decay("b1", b1)
