@@ -50,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--target", default=None, help="label column of a data file")
     t.add_argument(
+        "--task",
+        choices=("classification", "regression"),
+        default=None,
+        help="what the labels are (default: detected; 0/1 or up to 50 non-negative integers "
+        "or any text are classes, other numbers, e.g. -1/0/1, regression)",
+    )
+    t.add_argument(
         "--layers",
         default="32",
         help="hidden layer sizes, comma-separated (the output layer is added)",
@@ -142,9 +149,23 @@ def main(argv: list[str] | None = None) -> int:
         _join_processes(parser, args)  # first: before anything touches a device
     try:
         return {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command](args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"jadam {args.command}: error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        # Bad input, a damaged run folder (CheckpointError is a ValueError), a file that
+        # cannot be read or written: one line. Anything else is a bug: its traceback.
+        print(f"jadam {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:  # raised by the OS: "[Errno 28] ..." reworded
+        msg = e.strerror
+        if e.filename is not None:
+            msg += f": {os.fsdecode(e.filename)}"
+        if e.filename2 is not None:
+            msg += f" -> {os.fsdecode(e.filename2)}"
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(line.strip() for line in msg.splitlines() if line.strip())
 
 
 def _join_processes(parser: argparse.ArgumentParser, args) -> None:
@@ -265,7 +286,7 @@ def _train(args) -> int:
     # Everything is checked before any training step.
     ds = datasets.load(
         args.data, target=args.target, seed=args.seed,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, task=args.task,
     )  # fmt: skip
     model = MLP(features=(*hidden, ds.n_outputs), activation=args.activation)
     trainer = Trainer(
@@ -287,6 +308,7 @@ def _train(args) -> int:
             f"{args.optimizer} lr={args.lr}, batch {args.batch_size}, {args.epochs} epochs, "
             f"{where}"
         )
+        print(f"jadam train: task {_task_line(ds, args.task)}")
     history = trainer.fit(
         ds.x_train, ds.y_train, batch_size=args.batch_size, epochs=args.epochs,
         validation_data=validation, verbose=verbose,
@@ -325,19 +347,104 @@ def _train(args) -> int:
     return 0
 
 
-def _read_run(run: str) -> dict:
+def _task_line(ds, chosen: str | None) -> str:
+    """What the labels were taken as, and how to choose otherwise."""
+    line = ds.task
+    if ds.classes is not None:
+        n = len(ds.classes)
+        line += f", classes {ds.classes}" if n <= 10 else f", {n} classes"
+    if chosen:
+        return f"{line} (--task {chosen})"
+    other = "regression" if ds.classes is not None else "classification"
+    return f"{line} (detected; --task {other} to read the labels as {other})"
+
+
+_RUN_TASKS = ("binary", "multiclass", "regression")
+
+
+def _read_run(run: str, *, split: bool = False) -> dict:
+    """A run folder's data.json, checked; ``split``: also what re-creates its split.
+
+    A missing, garbled or inconsistent file is a ValueError naming it and the field.
+    """
     path = os.path.join(run, "data.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{run} is not a jadam run folder (no data.json)")
-    with open(path) as f:
-        return json.load(f)
+    if not os.path.isfile(path):
+        raise ValueError(f"{run} is not a jadam run folder (no data.json)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 JSON: the run folder is damaged") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e.msg}, line {e.lineno}): the run folder is damaged"
+        ) from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} is not a JSON object: the run folder is damaged")
+    needed = ["feature_names", "target", "task", "mean", "std"]
+    needed += ["data", "seed", "val_fraction", "test_fraction"] if split else []
+    missing = [k for k in needed if k not in info]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: the run folder is damaged")
+
+    def bad(field: str, want: str):
+        value = repr(info.get(field))
+        value = value if len(value) <= 60 else value[:57] + "..."
+        return ValueError(f"{path}: {field} must be {want}, got {value}")
+
+    from jadam.train.datasets import column_key
+
+    def names(v) -> bool:
+        return isinstance(v, list) and all(isinstance(n, str) for n in v)
+
+    feats = info["feature_names"]
+    if not names(feats) or not feats or len({column_key(n) for n in feats}) != len(feats):
+        raise bad("feature_names", "a list of distinct column names")
+    if not isinstance(info["target"], str):
+        raise bad("target", "a column name")
+    if info["task"] not in _RUN_TASKS:
+        raise bad("task", f"one of {list(_RUN_TASKS)}")
+    for field in ("mean", "std"):
+        v = info[field]
+        if not (
+            isinstance(v, list)
+            and len(v) == len(feats)
+            and all(isinstance(a, int | float) and not isinstance(a, bool) for a in v)
+            and np.all(np.isfinite(v))
+            and (field == "mean" or min(v) > 0)
+        ):
+            want = "positive" if field == "std" else "finite"
+            raise bad(field, f"a list of {len(feats)} {want} numbers (one per feature)")
+    classes = info.get("classes")
+    if info["task"] != "regression":
+        n = "2" if info["task"] == "binary" else "at least 2"
+        if not (
+            isinstance(classes, list)
+            and all(isinstance(c, str | int) and not isinstance(c, bool) for c in classes)
+            and len({str(c) for c in classes}) == len(classes)
+            and (len(classes) == 2 if info["task"] == "binary" else len(classes) >= 2)
+        ):
+            raise bad("classes", f"a list of {n} distinct class labels for task {info['task']}")
+    columns = info.get("columns")
+    if columns is not None and (not names(columns) or len(columns) != len(feats) + 1):
+        raise bad("columns", f"null or a list of {len(feats) + 1} column names")
+    if split:
+        if not isinstance(info["data"], str):
+            raise bad("data", "a data set name or path")
+        if not isinstance(info["seed"], int) or isinstance(info["seed"], bool):
+            raise bad("seed", "an integer")
+        for field in ("val_fraction", "test_fraction"):
+            v = info[field]
+            if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v < 1:
+                raise bad(field, "a number in [0, 1)")
+    return info
 
 
 def _evaluate(args) -> int:
     from jadam.train import datasets
     from jadam.train.trainer import Trainer
 
-    info = _read_run(args.run)
+    info = _read_run(args.run, split=args.data is None or args.data in datasets.BUILTIN)
     trainer = Trainer.load(os.path.join(args.run, "checkpoint"))
     data = args.data or info["data"]
     if data in datasets.BUILTIN or (args.data is None):
@@ -345,6 +452,7 @@ def _evaluate(args) -> int:
             data, target=info["target"] if data not in datasets.BUILTIN else None,
             seed=info["seed"], val_fraction=info["val_fraction"],
             test_fraction=info["test_fraction"],
+            task="regression" if info["task"] == "regression" else "classification",
         )  # fmt: skip
         if ds.feature_names != info["feature_names"]:
             raise ValueError(f"{data} has other features than the run was trained on")
@@ -352,6 +460,13 @@ def _evaluate(args) -> int:
         if not np.allclose(ds.mean, info["mean"], rtol=1e-5, atol=1e-6):
             raise ValueError(f"{data} does not reproduce the run's training split")
         x, y, what = ds.x_test, ds.y_test, f"{data} (test split)"
+    elif os.path.splitext(data)[1].lower() == ".csv":
+        # By name (case, spaces, _ and - ignored) in any order; extra or missing: an error.
+        x_raw, y_raw = datasets.read_labelled_csv(
+            data, info["feature_names"], args.target or info["target"],
+            columns=info.get("columns") if args.target is None else None,
+        )  # fmt: skip
+        x, y, what = _standardize(x_raw, info), _labels(y_raw, info), data
     else:
         target = args.target or info["target"]
         x_raw, y_raw, feats, _ = datasets.read_table(data, target)
@@ -373,7 +488,12 @@ def _standardize(x_raw: np.ndarray, info: dict) -> np.ndarray:
 
 def _labels(y_raw: np.ndarray, info: dict) -> np.ndarray:
     classes = info.get("classes")
-    if info["task"] == "regression" or classes is None:
+    if info["task"] == "regression":
+        if np.asarray(y_raw).dtype.kind not in "biuf":
+            raise ValueError(
+                f"the run is a regression, but target {info['target']!r} holds text such "
+                f"as {str(y_raw[0])!r}"
+            )
         return np.asarray(y_raw, np.float32)
     y_num = np.asarray(y_raw)
     if y_num.dtype.kind in "biuf" and not all(isinstance(c, int | float) for c in classes):
@@ -394,35 +514,74 @@ def _labels(y_raw: np.ndarray, info: dict) -> np.ndarray:
 
 
 def _predict(args) -> int:
-    from jadam.train import datasets
-    from jadam.train.io import load_exported
+    from jadam.train import datasets, load_exported
 
     info = _read_run(args.run)
+    if args.output is not None:
+        _check_output(args.output)  # before the work, not after it
     model = load_exported(os.path.join(args.run, "model.jaxexport"))  # no model code needed
-    x = _standardize(datasets.read_features_csv(args.input, info["feature_names"]), info)
-    probs = model(x)
     task, classes = info["task"], info.get("classes")
+    width = len(classes) if task == "multiclass" else 1
+    if list(model.output_shape) != [width]:
+        raise ValueError(
+            f"{args.run}: data.json describes {width} outputs ({task}), but model.jaxexport "
+            f"gives {list(model.output_shape)}: the run folder is damaged"
+        )
+    x_raw = datasets.read_features_csv(
+        args.input, info["feature_names"], target=info["target"], columns=info.get("columns")
+    )
+    probs = np.asarray(model(_standardize(x_raw, info)))
     if task == "binary":
         p = probs.reshape(len(probs), -1)[:, 0]
         header = ["probability", "label"]
-        rows = [[f"{v:.6g}", classes[int(v > 0.5)] if classes else int(v > 0.5)] for v in p]
+        rows = [[f"{v:.6g}", classes[int(v > 0.5)]] for v in p]
     elif task == "multiclass":
         header = [f"p_{c}" for c in classes] + ["label"]
         rows = [[f"{v:.6g}" for v in row] + [classes[int(np.argmax(row))]] for row in probs]
     else:
         header = ["prediction"]
         rows = [[f"{v:.6g}"] for v in probs.reshape(len(probs), -1)[:, 0]]
-    f = open(args.output, "w", newline="") if args.output else sys.stdout
-    try:
-        w = csv.writer(f)
+    if args.output is None:
+        w = csv.writer(sys.stdout)
         w.writerow(header)
         w.writerows(rows)
-    finally:
-        if args.output:
-            f.close()
-    if args.output:
-        print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
+        return 0
+    _write_csv(args.output, header, rows)
+    print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
     return 0
+
+
+def _check_output(path: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"--output {path} is a folder: give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"--output {path}: folder {parent} does not exist")
+
+
+def _write_csv(path: str, header: list, rows: list) -> None:
+    """Write a CSV whole or not at all: a regular file is replaced only once complete.
+
+    Anything else at ``path`` (``/dev/stdout``, a pipe) is written to directly.
+    """
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+        return
+    tmp = os.path.join(
+        os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp"
+    )
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
 
 
 if __name__ == "__main__":

@@ -121,3 +121,26 @@ def test_cli_moments_storage_reaches_the_checkpoint(tmp_path, moments, dtype):
     assert leaf.dtype == dtype
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f)["test_accuracy"] > 0.8
+
+
+def test_cli_task_makes_integer_labels_classes_or_numbers(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(90, 2))
+    lab = np.sign(np.round(x[:, 0])).astype(int)  # -1 / 0 / 1
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        w = csv.writer(f, delimiter=";")
+        w.writerow(["Feature A", "feature-b", "y"])
+        w.writerows([*r, c] for r, c in zip(x, lab, strict=True))
+    base = ["train", "--data", str(tmp_path / "d.csv"), "--target", "y", "--layers", "4",
+            "--epochs", "1", "--batch-size", "16"]  # fmt: skip
+    assert cli.main([*base, "--out", str(tmp_path / "reg")]) == 0
+    assert "task regression (detected; --task classification" in capsys.readouterr().out
+    out = str(tmp_path / "cls")
+    assert cli.main([*base, "--task", "classification", "--out", out]) == 0
+    assert "task multiclass, classes [-1, 0, 1] (--task classification)" in capsys.readouterr().out
+    assert cli.main(["evaluate", out]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert cli.main(["predict", out, "--input", str(tmp_path / "d.csv")]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0] == "p_-1,p_0,p_1,label" and len(printed) == 91
+    assert {r.split(",")[-1] for r in printed[1:]} <= {"-1", "0", "1"}
