@@ -13,6 +13,14 @@ and each element as an 8-bit code of `x / scale` on a non-linear map:
   2**-34 of it, and a positive entry never rounds to zero (it takes the
   smallest code instead), which would blow up `m / sqrt(v)`.
 
+NaN and infinities stay in the elements that hold them: a block's scale is its
+largest *finite* magnitude, so the other entries of the block are unaffected. In
+the signed map a NaN or +-inf entry is stored as the reserved code 0x80 (a
+negative zero, which is never written otherwise) and reads back as NaN, so that
+element's Adam direction stays NaN, as with float32 state. The unsigned map has
+no spare code: such an entry is stored as its block's largest value (its element's
+first moment carries the NaN).
+
 The codes are encoded and decoded with integer arithmetic on the float32 bit
 pattern (no table search), so XLA fuses quantization into the update loop.
 Dettmers et al., "8-bit Optimizers via Block-wise Quantization", arXiv:2110.02861,
@@ -60,6 +68,13 @@ class Minifloat:
     def max_code(self) -> int:
         return 2 ** (self.exponent_bits + self.mantissa_bits) - 1
 
+    @property
+    def nan_code(self) -> int | None:
+        """The code `quantize` reserves for NaN: 0x80 in the signed map (a negative zero,
+        which `encode` never writes); None in the unsigned map, whose 256 codes are all
+        values."""
+        return 0x80 if self.signed else None
+
     def encode(self, y: jax.Array, noise: jax.Array | None = None) -> jax.Array:
         """Codes (uint32) of float32 `y` with `|y| <= top`, to nearest (or stochastic)."""
         m = self.mantissa_bits
@@ -101,6 +116,8 @@ class Minifloat:
         return mag
 
 
+_FMAX = float(np.finfo(np.float32).max)
+
 SIGNED_MAP = Minifloat(exponent_bits=4, mantissa_bits=3, signed=True)
 UNSIGNED_MAP = Minifloat(exponent_bits=5, mantissa_bits=3, signed=False)
 
@@ -123,17 +140,27 @@ def quantize(
 ) -> QuantizedMoment:
     """Blockwise 8-bit codes of float32 `x` (stochastic rounding given a uint32 `word`)."""
     rows = _blocks(x.astype(jnp.float32), block_size)
-    absmax = jnp.max(jnp.abs(rows), axis=1)
+    finite = jnp.isfinite(rows)
+    # The largest finite magnitude: a NaN or infinity must not spoil its whole block.
+    absmax = jnp.max(jnp.where(finite, jnp.abs(rows), 0), axis=1)
     scales = absmax / fmt.top
-    inverse = jnp.where(scales > 0, 1 / jnp.where(scales > 0, scales, 1), 0)
+    # Capped where a subnormal scale's reciprocal would overflow (where subnormals are not
+    # flushed to zero): a finite entry then never scales to inf, or to NaN (inf * 0).
+    inverse = jnp.minimum(1 / jnp.where(scales > 0, scales, 1), _FMAX)
+    inverse = jnp.where(scales > 0, inverse, 0)
     noise = None if word is None else random_bits(word, rows.shape)
-    codes = fmt.encode(rows * inverse[:, None], noise).astype(jnp.uint8)
-    return QuantizedMoment(_unblock(codes, x.shape), scales)
+    codes = fmt.encode(rows * inverse[:, None], noise)
+    if fmt.nan_code is not None:  # NaN and +-inf: NaN (else the largest code, as encode does)
+        codes = jnp.where(finite, codes, jnp.uint32(fmt.nan_code))
+    return QuantizedMoment(_unblock(codes.astype(jnp.uint8), x.shape), scales)
 
 
 def dequantize(q: QuantizedMoment, fmt: Minifloat, block_size: int) -> jax.Array:
     """float32 values of a `QuantizedMoment`."""
-    rows = fmt.decode(_blocks(q.codes, block_size)) * q.scales[:, None]
+    codes = _blocks(q.codes, block_size)
+    rows = fmt.decode(codes) * q.scales[:, None]
+    if fmt.nan_code is not None:
+        rows = jnp.where(codes == fmt.nan_code, jnp.nan, rows)
     return _unblock(rows, q.codes.shape)
 
 

@@ -100,6 +100,8 @@ inline void run_parallel(int64_t threads, ffi::ThreadPool& pool, Work work) {
 // ---------------------------------------------------------------------------------------
 // 8-bit moment codes (jadam._quantize): encode, decode, one block's update
 
+constexpr float kFloatMax = 3.4028234663852886e38f;
+
 constexpr float pow2(int e) {
   return e == 0 ? 1.0f : e > 0 ? 2.0f * pow2(e - 1) : 0.5f * pow2(e + 1);
 }
@@ -113,6 +115,8 @@ struct Code {
   static constexpr int M = 3, SHIFT = 23 - M;
   static constexpr int32_t OFFSET = (127 - EMAX) << M;
   static constexpr uint32_t MAX_CODE = SIGNED ? 127 : 255;
+  // jadam._quantize.Minifloat.nan_code: a negative zero, never written for a number.
+  static constexpr uint32_t NAN_CODE = 0x80;
   static constexpr float SUB_STEP = pow2(1 - EMAX - M);  // the subnormal range's spacing
   static constexpr float SMALLEST_NORMAL = pow2(1 - EMAX);
   // float32's spacing in [MAGIC, 2 MAGIC) is SUB_STEP: `x + MAGIC` rounds x to the
@@ -126,19 +130,26 @@ struct Code {
     uint32_t sub = bits_of(float(mag) * SUB_STEP);
     uint32_t is_normal = 0u - uint32_t(mag >= (1 << M));  // a mask, not a branch
     uint32_t b = (normal & is_normal) | (sub & ~is_normal);
-    if (SIGNED) b |= uint32_t(c & 0x80) << 24;
+    if (SIGNED) {
+      b |= uint32_t(c & 0x80) << 24;
+      uint32_t is_nan = 0u - uint32_t(c == int32_t(NAN_CODE));
+      b = (b & ~is_nan) | (0x7FC00000u & is_nan);
+    }
     return float_of(b);
   }
 
   // y in [-top, top]: round to nearest (ties of the normal range away from zero, of the
-  // subnormal range to even, as the JAX path does). A NaN's code is irrelevant: its
-  // block's scale is NaN.
+  // subnormal range to even, as the JAX path does). NaN and +-inf: the signed map's
+  // reserved NAN_CODE; the unsigned map's largest code.
   static inline uint8_t encode(float y) {
     float mag = std::fabs(y);  // nu's y is >= 0
     uint32_t normal = ((bits_of(mag) + (1u << (SHIFT - 1))) >> SHIFT) - uint32_t(OFFSET);
     uint32_t sub = bits_of(mag + MAGIC) - bits_of(MAGIC);
     uint32_t code = std::min(mag < SMALLEST_NORMAL ? sub : normal, MAX_CODE);
-    if (SIGNED) return uint8_t(code | ((bits_of(y) >> 24) & 0x80u & (0u - uint32_t(code > 0))));
+    if (SIGNED) {
+      code |= (bits_of(y) >> 24) & 0x80u & (0u - uint32_t(code > 0));
+      return uint8_t(mag <= kFloatMax ? code : NAN_CODE);  // false for NaN and inf
+    }
     return uint8_t(std::max(code, mag > 0.0f ? 1u : 0u));  // nu > 0 never decodes to 0
   }
 };
@@ -152,11 +163,21 @@ struct MomentDecays {
   float b1, omb1, b2, omb2, top;
 };
 
+// 1 / a block's scale, 0 for a zero scale (jadam._quantize.quantize). Capped where a
+// subnormal scale's reciprocal would overflow (where subnormals are not flushed to zero):
+// a finite entry then never scales to inf, or to NaN (inf * 0), so never takes NAN_CODE.
+inline float block_inverse(float scale) {
+  return scale > 0.0f ? std::min(1.0f / scale, kFloatMax) : 0.0f;
+}
+
 template <class Step>
 inline void q8_block_update(const float* g, uint8_t* mc, float& ms, uint8_t* vc, float& vs,
                             int64_t len, const MomentDecays& h, float* m, float* v, Step step) {
   const float sm = ms, sv = vs;
-  uint32_t am = 0, av = 0;  // max |x| as bit patterns: a NaN wins, as in jnp.max
+  // The largest finite |x|, as bit patterns (NaN and inf are left out, as the JAX path
+  // does: one bad entry must not spoil its block).
+  constexpr uint32_t kInfBits = 0x7F800000u;
+  uint32_t am = 0, av = 0;
 #pragma omp simd reduction(max : am, av)
   for (int64_t i = 0; i < len; ++i) {
     float gi = g[i];
@@ -164,13 +185,13 @@ inline void q8_block_update(const float* g, uint8_t* mc, float& ms, uint8_t* vc,
     float vi = h.b2 * (NuCode::decode(vc[i]) * sv) + h.omb2 * (gi * gi);
     m[i] = mi;
     v[i] = vi;
-    am = std::max(am, bits_of(mi) & 0x7FFFFFFFu);
-    av = std::max(av, bits_of(vi) & 0x7FFFFFFFu);
+    uint32_t ai = bits_of(mi) & 0x7FFFFFFFu, bi = bits_of(vi) & 0x7FFFFFFFu;
+    am = std::max(am, ai < kInfBits ? ai : 0u);
+    av = std::max(av, bi < kInfBits ? bi : 0u);
   }
   ms = float_of(am) / h.top;
   vs = float_of(av) / h.top;
-  const float inv_m = ms > 0.0f ? 1.0f / ms : 0.0f;
-  const float inv_v = vs > 0.0f ? 1.0f / vs : 0.0f;
+  const float inv_m = block_inverse(ms), inv_v = block_inverse(vs);
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     mc[i] = MuCode::encode(m[i] * inv_m);
