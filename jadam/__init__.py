@@ -81,8 +81,8 @@ from jadam.train.callbacks import Callback as Callback
 from jadam.train.callbacks import EarlyStopping as EarlyStopping
 from jadam.train.callbacks import ModelCheckpoint as ModelCheckpoint
 from jadam.train.history import History as History
-from jadam.train.io import CheckpointError as CheckpointError
-from jadam.train.io import load_exported as load_exported
+from jadam.train.checkpoint import CheckpointError as CheckpointError
+from jadam.train.export import load_exported as load_exported
 from jadam.train.models import MLP as MLP
 from jadam.train.models import Combine as Combine
 from jadam.train.trainer import Trainer as Trainer

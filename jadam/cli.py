@@ -256,7 +256,7 @@ def _train(args) -> int:
     import jax
 
     from jadam.train import datasets
-    from jadam.train.io import atomic_dir
+    from jadam.train.checkpoint import check_writable, not_ours, replace_dir, run_marker
     from jadam.train.models import MLP
     from jadam.train.trainer import Trainer
 
@@ -272,8 +272,13 @@ def _train(args) -> int:
         "runs",
         f"{os.path.splitext(os.path.basename(args.data))[0]}-{time.strftime('%Y%m%d-%H%M%S')}",
     )
-    if os.path.exists(out) and not args.overwrite:
+    if os.path.lexists(out) and not args.overwrite:
         raise ValueError(f"run folder {out} exists; choose another --out or pass --overwrite")
+    if os.path.lexists(out) and (reason := not_ours(out, "run folder")):
+        raise ValueError(
+            f"{out} exists and is not a jadam run folder ({reason}); not overwriting it"
+        )
+    check_writable(out, "run folder")  # before training: fail fast, not after it
 
     # One device: as always. Several (local, or of every process): data parallel.
     mesh = None
@@ -331,17 +336,13 @@ def _train(args) -> int:
             json.dump(data_info, f, indent=1)
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump({"test_" + k: v for k, v in test.items()}, f, indent=1)
+        with open(os.path.join(tmp, "run.json"), "w") as f:  # last: marks it complete
+            json.dump(run_marker(), f, indent=1)
 
-    if (
-        os.path.exists(out)
-        and args.overwrite
-        and not os.path.exists(os.path.join(out, "data.json"))
-    ):
-        raise ValueError(f"{out} exists and is not a jadam run folder; not overwriting it")
     if not main_process:
         trainer.save(os.path.join(out, "checkpoint"))  # its part of the collective save only
         return 0
-    atomic_dir(out, write)
+    replace_dir(out, write, "run folder")  # checks again: replaces only a run folder
     print("test " + " - test ".join(f"{k}: {v:.4f}" for k, v in test.items()))
     print(f"run folder: {out}")
     return 0

@@ -104,18 +104,44 @@ def model_config(model: Any) -> dict | None:
     return None
 
 
-def model_from_config(cfg: dict) -> nn.Module:
-    """Rebuild a jadam model from plain JSON data (no code is imported or executed)."""
+MAX_CONFIG_DEPTH = 16  # nesting of Combine configs read from a file
+MAX_LAYERS = 1024
+MAX_UNITS = 2**31 - 1
+
+
+def model_from_config(cfg: Any, _depth: int = 0) -> nn.Module:
+    """Rebuild a jadam model from plain JSON data (no code is imported or executed).
+
+    Raises ValueError naming the field for a config that is malformed or out of bounds.
+    """
+    if _depth > MAX_CONFIG_DEPTH:
+        raise ValueError(f"model configs are nested deeper than {MAX_CONFIG_DEPTH} levels")
     if not isinstance(cfg, dict) or "kind" not in cfg:
-        raise ValueError(f"not a model config: {cfg!r}")
-    if cfg["kind"] == "MLP":
-        return MLP(features=tuple(int(f) for f in cfg["features"]), activation=cfg["activation"])
-    if cfg["kind"] == "Combine":
+        raise ValueError(f"not a model config: {str(cfg)[:80]!r}")
+    kind = cfg["kind"]
+    if kind == "MLP":
+        features, activation = cfg.get("features"), cfg.get("activation")
+        if (
+            not isinstance(features, list) or not 1 <= len(features) <= MAX_LAYERS
+            or not all(type(f) is int and 1 <= f <= MAX_UNITS for f in features)
+        ):  # fmt: skip
+            raise ValueError(
+                f"MLP features must be a list of layer sizes >= 1, got {str(features)[:80]}"
+            )
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown MLP activation {str(activation)[:40]!r}; known: {sorted(ACTIVATIONS)}"
+            )
+        return MLP(features=tuple(features), activation=activation)
+    if kind == "Combine":
+        branches = cfg.get("branches")
+        if not isinstance(branches, list) or not 1 <= len(branches) <= MAX_LAYERS:
+            raise ValueError("Combine branches must be a non-empty list of model configs")
         return Combine(
-            branches=tuple(model_from_config(b) for b in cfg["branches"]),
-            head=model_from_config(cfg["head"]),
+            branches=tuple(model_from_config(b, _depth + 1) for b in branches),
+            head=model_from_config(cfg.get("head"), _depth + 1),
         )
-    raise ValueError(f"unknown model kind {cfg['kind']!r} in config")
+    raise ValueError(f"unknown model kind {str(kind)[:40]!r} in config")
 
 
 def call_model(fn, x):

@@ -17,7 +17,6 @@ whatever optax transformation it was given.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,14 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import jadam
 from jadam._sharding import bytes_per_device, to_host
-from jadam.train import io as _io
 from jadam.train.callbacks import Callback
+from jadam.train.checkpoint import load_trainer, save_trainer
 from jadam.train.datasets import check_finite
+from jadam.train.export import export_trainer
 from jadam.train.history import History
+from jadam.train.inputs import abstract, example, length, spec, to_tree
 from jadam.train.loop import Programs, TrainState, batch_plan, train_plan
 from jadam.train.losses import get_loss, get_metric
 from jadam.train.models import ModelAdapter
+from jadam.train.progress import Progress, format_bytes, format_logs
 
 # name -> attribute of the `jadam` package holding the constructor. One small table;
 # options (learning_rate, b1, ...) are passed through as keyword arguments.
@@ -54,8 +57,6 @@ def make_optimizer(name: str, options: Mapping[str, Any] | None = None):
     """Build a jadam optimizer by name, e.g. ``make_optimizer("adam", {"learning_rate": 1e-2})``."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; known optimizers: {sorted(OPTIMIZERS)}")
-    import jadam
-
     ctor = getattr(jadam, OPTIMIZERS[name], None)
     if ctor is None:
         raise ValueError(f"optimizer {name!r} is not available in this jadam build")
@@ -63,62 +64,6 @@ def make_optimizer(name: str, options: Mapping[str, Any] | None = None):
         return ctor(**dict(options or {}))
     except TypeError as e:
         raise ValueError(f"bad options for optimizer {name!r}: {e}") from None
-
-
-def _to_tree(x: Any, what: str) -> Any:
-    """Inputs as NumPy: an array, a tuple of arrays, or a dict of arrays."""
-    if isinstance(x, Mapping):
-        if not x:
-            raise ValueError(f"{what} is an empty dict")
-        return {str(k): _to_tree(v, what + f"[{k!r}]") for k, v in x.items()}
-    # A tuple is several inputs; so is a list of arrays (a list of numbers is one array).
-    if isinstance(x, tuple) or (isinstance(x, list) and x and all(hasattr(v, "shape") for v in x)):
-        if not x:
-            raise ValueError(f"{what} is an empty tuple")
-        return tuple(_to_tree(v, what + f"[{i}]") for i, v in enumerate(x))
-    if isinstance(x, jax.Array):
-        # Already on the device (e.g. placed once for many fit calls): keep it there and
-        # check it there; no host round trip for big data.
-        if x.dtype.kind not in "biuf":
-            raise ValueError(f"{what} must be numeric, got dtype {x.dtype}")
-        if x.ndim == 0:
-            raise ValueError(f"{what} must have a leading batch axis, got a scalar")
-        x = x.reshape(x.shape[0], 1) if x.ndim == 1 else x
-        x = x.astype(jnp.float32)
-        if not bool(_all_finite(x)):
-            raise ValueError(f"{what} contain NaN or infinite values")
-        return x
-    a = np.asarray(x)
-    if a.dtype.kind not in "biuf":
-        raise ValueError(f"{what} must be numeric, got dtype {a.dtype}")
-    if a.ndim == 0:
-        raise ValueError(f"{what} must have a leading batch axis, got a scalar")
-    if a.ndim == 1:
-        a = a[:, None]  # a single feature per example
-    check_finite(a, what)
-    return a.astype(np.float32, copy=False)
-
-
-_all_finite = jax.jit(lambda a: jnp.isfinite(a).all())
-
-
-def _length(x: Any, what: str) -> int:
-    lens = {leaf.shape[0] for leaf in jax.tree.leaves(x)}
-    if len(lens) != 1:
-        raise ValueError(f"the arrays in {what} have different lengths: {sorted(lens)}")
-    n = lens.pop()
-    if n == 0:
-        raise ValueError(f"{what} is empty (0 examples)")
-    return n
-
-
-def _spec(x: Any) -> Any:
-    """Shape/dtype description of one example (JSON-able), for checks and export."""
-    if isinstance(x, dict):
-        return {"dict": {k: _spec(v) for k, v in x.items()}}
-    if isinstance(x, tuple):
-        return {"tuple": [_spec(v) for v in x]}
-    return {"shape": list(x.shape[1:]), "dtype": str(x.dtype)}
 
 
 class Trainer:
@@ -225,16 +170,14 @@ class Trainer:
 
     def build(self, x: Any) -> Trainer:
         """Initialize parameters and optimizer state from example inputs."""
-        x = _to_tree(x, "x")
-        _length(x, "x")
+        x = to_tree(x, "x")
+        length(x, "x")
         if self.built:
             self._check_inputs(x, "x")
             return self
-        key = jax.random.key(self.seed)
         sample = jax.tree.map(lambda a: jnp.asarray(a[:1]), x)
-        params, rest = self.adapter.init(key, sample)
-        self.input_spec = _spec(x)
-        rng = jax.random.key_data(jax.random.fold_in(key, 1)).astype(jnp.uint32)
+        params, rest, rng = self._initial(sample)
+        self.input_spec = spec(x)
         if self.mesh is not None:  # every process made the same values from the same seed
             params, rest, rng = self.programs.replicate((params, rest, rng))
             self.programs.bind(params)
@@ -244,11 +187,29 @@ class Trainer:
         self.output_shape = tuple(out.shape[1:])
         return self
 
+    def _initial(self, sample: Any) -> tuple[Any, Any, jax.Array]:
+        """Parameters, other variables and the RNG key data for one example ``sample``."""
+        key = jax.random.key(self.seed)
+        params, rest = self.adapter.init(key, sample)
+        rng = jax.random.key_data(jax.random.fold_in(key, 1)).astype(jnp.uint32)
+        return params, rest, rng
+
+    def abstract_build(self, input_spec: Any) -> tuple[TrainState, jax.ShapeDtypeStruct]:
+        """The train state ``build`` would make for inputs ``input_spec``, and the
+        output, as ``jax.ShapeDtypeStruct``s: computed without allocating either."""
+
+        def build(sample):
+            params, rest, rng = self._initial(sample)
+            state = TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32), rng)
+            return state, self.adapter.apply(params, rest, sample)
+
+        return jax.eval_shape(build, abstract(input_spec, 1))
+
     def _check_inputs(self, x: Any, what: str) -> None:
-        spec = _spec(x)
-        if spec != self.input_spec:
+        got = spec(x)
+        if got != self.input_spec:
             raise ValueError(
-                f"{what} does not match the model's inputs: expected {self.input_spec}, got {spec}"
+                f"{what} does not match the model's inputs: expected {self.input_spec}, got {got}"
             )
 
     @property
@@ -291,14 +252,14 @@ class Trainer:
 
     def _prepare(self, x: Any, y: Any, what: str = "") -> tuple[Any, np.ndarray, int]:
         """Check and convert (x, y) before anything runs; returns NumPy arrays and n."""
-        x = _to_tree(x, f"{what}x")
+        x = to_tree(x, f"{what}x")
         if y is None:
             raise ValueError(f"{what}y is missing")
         y = np.asarray(y)
         if y.dtype.kind not in "biuf":
             raise ValueError(f"{what}y must be numeric, got dtype {y.dtype}")
         check_finite(y, f"{what}y")
-        n = _length(x, f"{what}x")
+        n = length(x, f"{what}x")
         if y.ndim == 0 or len(y) != n:
             raise ValueError(f"{what}x has {n} examples but {what}y has {y.shape[:1] or 'no'} rows")
         if self.built:
@@ -439,7 +400,7 @@ class Trainer:
         for cb in callbacks:
             cb.set_trainer(self)
             cb.on_train_begin({})
-        progress = _Progress(verbose, epochs, self.epochs_done)
+        progress = Progress(verbose, epochs, self.epochs_done)
         # Without callbacks nothing can stop training early, so epoch e+1 is dispatched
         # before epoch e's numbers are pulled to the host: the host-side bookkeeping
         # (logs, history, progress) overlaps the device's work instead of idling it.
@@ -527,15 +488,15 @@ class Trainer:
         idx, w = batch_plan(n, batch_size)
         logs = self._evaluate_placed(self.state.params, *self.programs.replicate((x, y)), idx, w)
         if verbose:
-            print(" - ".join(f"{k}: {v:.4f}" for k, v in logs.items()))
+            print(format_logs(logs))
         return logs
 
     def predict(self, x: Any, batch_size: int = 256) -> np.ndarray:
         """Outputs for ``x``: probabilities for classification losses, values for regression."""
         batch_size = self._eval_batch_size(batch_size)
         self._need_built()
-        x = _to_tree(x, "x")
-        n = _length(x, "x")
+        x = to_tree(x, "x")
+        n = length(x, "x")
         self._check_inputs(x, "x")
         idx, _ = batch_plan(n, batch_size)
         out = self.programs.predict_chunk(
@@ -549,7 +510,7 @@ class Trainer:
     def summary(self, print_fn=print) -> str:
         """Flax's layer table, the parameter count and the optimizer state's bytes."""
         self._need_built()
-        sample = _example(self.input_spec)
+        sample = example(self.input_spec)
         table = self.adapter.tabulate(jax.random.key(self.seed), sample)
         leaves = jax.tree.leaves(self.state.params)
         n_params = sum(int(np.prod(a.shape)) for a in leaves)
@@ -562,13 +523,13 @@ class Trainer:
             per_dev = max(bytes_per_device(self.state.opt_state).values(), default=0)
             how = "ZeRO-1 sharded" if self.zero1 else "replicated"
             placement = (
-                f"; per device: {per_dev:,} bytes ({_fmt_bytes(per_dev)}), {how} over "
+                f"; per device: {per_dev:,} bytes ({format_bytes(per_dev)}), {how} over "
                 f"{self.mesh.size} device(s)"
             )
         text = (
             f"{table}\n"
-            f"Total params: {n_params:,} ({_fmt_bytes(p_bytes)})\n"
-            f"Optimizer: {opt}; state: {o_bytes:,} bytes ({_fmt_bytes(o_bytes)}){placement}\n"
+            f"Total params: {n_params:,} ({format_bytes(p_bytes)})\n"
+            f"Optimizer: {opt}; state: {o_bytes:,} bytes ({format_bytes(o_bytes)}){placement}\n"
             f"Loss: {self.loss.name}; metrics: {[m.name for m in self.metric_objs]}"
         )
         if print_fn is not None:
@@ -580,13 +541,16 @@ class Trainer:
     def save(self, directory: str | os.PathLike) -> None:
         """Checkpoint: parameters, optimizer state, step, RNGs and the model's config.
 
-        Written to a temporary folder, then renamed: an interrupted save leaves the old
-        checkpoint (or nothing), never a half-written one. With several processes every
-        process must call it (a sharded state is gathered, a collective); process 0
-        writes the folder, the others return once it is complete.
+        Written to a temporary sibling folder, then swapped in atomically: an
+        interrupted save leaves the previous checkpoint, never a half-written one. An
+        existing ``directory`` is replaced only if it is a checkpoint jadam wrote
+        (``CheckpointError`` otherwise, and for an empty path, the working, home or
+        root folder, or a file); see :mod:`jadam.train.checkpoint`. With several
+        processes every process must call it (a sharded state is gathered, a
+        collective); process 0 writes the folder, the others return once it is complete.
         """
         self._need_built()
-        _io.save_trainer(self, os.fspath(directory))
+        save_trainer(self, directory)
 
     @classmethod
     def load(
@@ -596,13 +560,15 @@ class Trainer:
     ) -> Trainer:  # fmt: skip
         """Rebuild a trainer from ``save``. jadam's models rebuild from the stored JSON
         config; a model of your own (or an optimizer given as an optax object) is passed
-        in. Checksums and shapes are verified; nothing in the folder is executed.
+        in. Metadata, shapes and checksums are verified before anything is allocated,
+        only regular files inside the folder are read, and nothing in it is executed;
+        every problem is a ``CheckpointError`` naming the file.
 
         ``mesh``/``zero1`` place the restored state as ``Trainer(mesh=, zero1=)`` would
         (a checkpoint holds whole arrays: any mesh can load any checkpoint). With several
         processes each one reads the folder (a shared file system, or a copy per host)."""
-        return _io.load_trainer(
-            cls, os.fspath(directory), model=model, optimizer=optimizer, mesh=mesh, zero1=zero1
+        return load_trainer(
+            cls, directory, model=model, optimizer=optimizer, mesh=mesh, zero1=zero1
         )
 
     def export(
@@ -612,58 +578,8 @@ class Trainer:
         """Write the prediction function with ``jax.export`` (+ a JSON sidecar).
 
         ``jadam.load_exported(path)`` runs it without this model's Python code, for any
-        batch size. ``metadata`` (JSON-able) is stored in the sidecar.
+        batch size. ``metadata`` (JSON-able) is stored in the sidecar. The export is a
+        compiled program: whoever loads it runs it, so share it like code.
         """
         self._need_built()
-        _io.export_trainer(self, os.fspath(path), platforms, dict(metadata or {}))
-
-
-def _example(spec: Any) -> Any:
-    if "dict" in spec:
-        return {k: _example(v) for k, v in spec["dict"].items()}
-    if "tuple" in spec:
-        return tuple(_example(v) for v in spec["tuple"])
-    return jnp.zeros((1, *spec["shape"]), spec["dtype"])
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-class _Progress:
-    """tqdm bar on a terminal (verbose=1); Keras-like lines otherwise; nothing at 0."""
-
-    def __init__(self, verbose: int, epochs: int, first: int):
-        self.verbose, self.epochs, self.first = verbose, epochs, first
-        self.bar = None
-        if verbose == 1 and sys.stdout.isatty() and epochs > 0:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=epochs, unit="epoch", file=sys.stdout, dynamic_ncols=True)
-
-    @staticmethod
-    def _fmt(logs: dict) -> str:
-        return " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
-
-    def chunk(self, fraction: float, logs: dict) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{fraction:4.0%} {self._fmt(logs)}", refresh=True)
-
-    def epoch_end(self, epoch: int, logs: dict, seconds: float) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix_str(self._fmt(logs), refresh=False)
-            self.bar.update(1)
-        elif self.verbose:
-            i = epoch - self.first + 1
-            print(
-                f"Epoch {i}/{self.epochs} - {seconds * 1e3:.0f}ms - {self._fmt(logs)}",
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        export_trainer(self, os.fspath(path), platforms, dict(metadata or {}))
