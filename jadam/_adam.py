@@ -168,6 +168,7 @@ def scale_by_adam(
       Array([ 1., -1.,  0.], dtype=float32)
     """
     check_moment_args(b1, b2, eps, eps_root, convention)
+    amsgrad, nesterov = nx.check_flag("amsgrad", amsgrad), nx.check_flag("nesterov", nesterov)
     mu_store = resolve_storage("mu_dtype", mu_dtype)
     nu_store = resolve_storage("nu_dtype", nu_dtype)
 

@@ -4,6 +4,11 @@ Each alias is `chain(add L2 to the gradient?, scale_by_<algo>, add decayed
 weights?, scale_by_learning_rate)`, the optax layout: the sign flips in exactly
 one place, `optax.scale_by_learning_rate`. Every alias takes `convention`
 (see the README's table): it changes formulas, never default values.
+
+Hyperparameters are checked when an optimizer is built: numbers must be real,
+finite (NAdam's `momentum_decay` may be inf, its limit) and not bools (`True` is
+not 1 here); anything else raises `ValueError` naming the argument. Schedules,
+and the arrays `optax.inject_hyperparams` passes, are accepted.
 """
 
 from __future__ import annotations
@@ -52,10 +57,10 @@ def _with_learning_rate(
 
 
 _COMMON_ARGS = """
-    learning_rate: step size, >= 0, or an optax schedule.
+    learning_rate: step size, finite and >= 0, or an optax schedule.
     b1: decay of the first moment, in [0, 1).
     b2: decay of the second moment (Adamax: of the infinity norm), in [0, 1).
-    eps: stability term, >= 0; where it sits depends on `convention`.
+    eps: stability term, finite and >= 0; where it sits depends on `convention`.
     mu_dtype, nu_dtype: storage dtype of each moment; None stores in the
       parameter's compute dtype (float32 for bf16/f16/f32 parameters).
     convention: "optax" (default), "pytorch" or "keras": whose formulas to follow."""
@@ -80,8 +85,8 @@ def adam(
     `epsilon` is 1e-7: pass `eps=1e-7` to reproduce a Keras run).
 
     Args:{common}
-      eps_root: added inside the square root, >= 0.
-      l2: coupled L2 penalty added to the gradient (`g + l2 * p`), >= 0.
+      eps_root: added inside the square root, finite and >= 0.
+      l2: coupled L2 penalty added to the gradient (`g + l2 * p`), finite and >= 0.
 
     Example:
       >>> import jax.numpy as jnp, optax, jadam
@@ -120,8 +125,8 @@ def amsgrad(
     one; the trajectories differ from the first step on. Pick `convention`.
 
     Args:{common}
-      eps_root: added inside the square root, >= 0.
-      l2: coupled L2 penalty added to the gradient, >= 0.
+      eps_root: added inside the square root, finite and >= 0.
+      l2: coupled L2 penalty added to the gradient, finite and >= 0.
     """
     return _with_learning_rate(
         scale_by_adam(
@@ -160,8 +165,8 @@ def adamw(
     1e-4 whatever the convention (PyTorch's is 1e-2, Keras' 4e-3).
 
     Args:{common}
-      eps_root: added inside the square root, >= 0.
-      weight_decay: decoupled decay rate, >= 0, or a schedule.
+      eps_root: added inside the square root, finite and >= 0.
+      weight_decay: decoupled decay rate, finite and >= 0, or a schedule.
       mask: a pytree of booleans (or a function of the params returning one)
         selecting the leaves to decay, as in `optax.add_decayed_weights`.
     """
@@ -192,7 +197,8 @@ def adamax(
     the norm afterwards.
 
     Args:{common}
-      l2: coupled L2 penalty added to the gradient, >= 0 (`torch.optim.Adamax(weight_decay=)`).
+      l2: coupled L2 penalty added to the gradient, finite and >= 0
+        (`torch.optim.Adamax(weight_decay=)`).
     """
     return _with_learning_rate(
         scale_by_adamax(b1, b2, eps, mu_dtype=mu_dtype, nu_dtype=nu_dtype, convention=convention),
@@ -216,7 +222,7 @@ def adamaxw(
     """Adamax with decoupled weight decay (`keras.optimizers.Adamax(weight_decay=)`).
 
     Args:{common}
-      weight_decay: decoupled decay rate, >= 0, or a schedule.
+      weight_decay: decoupled decay rate, finite and >= 0, or a schedule.
       mask: which leaves to decay, as in `optax.add_decayed_weights`.
     """
     return _with_learning_rate(
@@ -247,9 +253,10 @@ def nadam(
     `momentum_decay=None` each convention uses its own.
 
     Args:{common}
-      eps_root: added inside the square root, >= 0.
-      l2: coupled L2 penalty added to the gradient, >= 0.
-      momentum_decay: the schedule's psi, >= 0, or None for the convention's.
+      eps_root: added inside the square root, finite and >= 0.
+      l2: coupled L2 penalty added to the gradient, finite and >= 0.
+      momentum_decay: the schedule's psi, >= 0 (inf: a constant b1), or None for the
+        convention's.
     """
     return _with_learning_rate(
         scale_by_nadam(
@@ -284,10 +291,11 @@ def nadamw(
     """NAdam with decoupled weight decay (`torch.optim.NAdam(decoupled_weight_decay=True)`).
 
     Args:{common}
-      eps_root: added inside the square root, >= 0.
-      weight_decay: decoupled decay rate, >= 0, or a schedule.
+      eps_root: added inside the square root, finite and >= 0.
+      weight_decay: decoupled decay rate, finite and >= 0, or a schedule.
       mask: which leaves to decay, as in `optax.add_decayed_weights`.
-      momentum_decay: the schedule's psi, >= 0, or None for the convention's.
+      momentum_decay: the schedule's psi, >= 0 (inf: a constant b1), or None for the
+        convention's.
     """
     return _with_learning_rate(
         scale_by_nadam(
@@ -325,8 +333,8 @@ def radam(
     correction; optax where rho_t >= threshold, epsilon after. Keras has none.
 
     Args:{common}
-      eps_root: added inside the square root, >= 0.
-      l2: coupled L2 penalty added to the gradient, >= 0.
+      eps_root: added inside the square root, finite and >= 0.
+      l2: coupled L2 penalty added to the gradient, finite and >= 0.
       threshold: rho_t below which the step is plain momentum.
     """
     return _with_learning_rate(

@@ -18,10 +18,12 @@ themselves flat with `flat_layout`, so that no per-leaf work is left at all.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jadam import _numerics as nx
@@ -64,17 +66,73 @@ class FlatLayout:
     optimizer then updates a few long vectors, whatever the number of leaves
     (2,000 leaves: one compiled loop nest instead of 2,000, and a compile
     time of about a second instead of tens of seconds).
+
+    Both check their input against the parameters the layout was built from and
+    raise `ValueError` showing what was expected and what came: `ravel` the tree's
+    structure and each leaf's shape and dtype, `unravel` the dict's keys and each
+    vector's size and dtype. The checks read static shapes only, so they cost
+    nothing under `jit`.
     """
 
     def __init__(self, params: Any):
-        leaves, self.treedef = jax.tree.flatten(params, is_leaf=nx.is_none)
+        with_paths, self.treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=nx.is_none)
+        self.paths = [jax.tree_util.keystr(path) for path, _ in with_paths]
+        leaves = [leaf for _, leaf in with_paths]
+        for where, leaf in zip(self.paths, leaves, strict=True):
+            if leaf is not None and not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+                raise ValueError(
+                    f"flat_layout: the leaf at {where or 'the root'} is a "
+                    f"{type(leaf).__name__} ({leaf!r}), not an array; pass arrays "
+                    "(e.g. jnp.asarray(x)) or None."
+                )
         self.shapes = [None if leaf is None else tuple(leaf.shape) for leaf in leaves]
+        self.dtypes = [None if leaf is None else jnp.dtype(leaf.dtype) for leaf in leaves]
         self.groups = _groups(leaves)
+        self.sizes = {
+            name: sum(math.prod(self.shapes[i]) for i in index)
+            for name, index in self.groups.items()
+        }
 
     def ravel(self, tree: Any) -> dict[str, jax.Array]:
-        return _ravel(self.treedef.flatten_up_to(tree), self.groups)
+        """`{dtype name: 1-D array}` of a tree shaped like the parameters."""
+        try:
+            leaves = self.treedef.flatten_up_to(tree)
+        except (ValueError, TypeError) as err:
+            got = jax.tree.structure(tree, is_leaf=nx.is_none)
+            raise ValueError(
+                "FlatLayout.ravel: the tree's structure differs from the params' the layout "
+                f"was built from: expected\n  {self.treedef}\ngot\n  {got}"
+            ) from err
+        for where, leaf, shape, dtype in zip(
+            self.paths, leaves, self.shapes, self.dtypes, strict=True
+        ):
+            _check_leaf(where, leaf, shape, dtype)
+        return _ravel(leaves, self.groups)
 
     def unravel(self, flat: dict[str, jax.Array]) -> Any:
+        """The tree of `flat` (as `ravel` returns it): slices and reshapes."""
+        if not isinstance(flat, Mapping):
+            raise ValueError(
+                "FlatLayout.unravel takes a dict {dtype name: 1-D array} as ravel returns, "
+                f"got a {type(flat).__name__}."
+            )
+        if set(flat) != set(self.groups):
+            raise ValueError(
+                f"FlatLayout.unravel: expected keys {sorted(self.groups)}, "
+                f"got {sorted(flat, key=str)}."
+            )
+        for name, vector in flat.items():
+            want = (self.sizes[name],)
+            got_shape = tuple(getattr(vector, "shape", np.shape(vector)))
+            if got_shape != want:
+                raise ValueError(
+                    f"FlatLayout.unravel: {name!r}: expected shape {want}, got {got_shape}."
+                )
+            got_dtype = getattr(vector, "dtype", None)
+            if got_dtype is None or jnp.dtype(got_dtype).name != name:
+                raise ValueError(
+                    f"FlatLayout.unravel: {name!r}: expected dtype {name}, got {got_dtype}."
+                )
         out: list[Any] = [None] * len(self.shapes)
         for name, index in self.groups.items():
             start = 0
@@ -83,6 +141,33 @@ class FlatLayout:
                 out[i] = flat[name][start : start + size].reshape(self.shapes[i])
                 start += size
         return self.treedef.unflatten(out)
+
+
+def _check_leaf(where: str, leaf: Any, shape: Any, dtype: Any) -> None:
+    """One leaf of the tree given to `FlatLayout.ravel` against the params' leaf."""
+    where = f"leaf {where or 'at the root'}"
+    if shape is None:
+        if leaf is not None:
+            got = tuple(getattr(leaf, "shape", np.shape(leaf)))
+            raise ValueError(
+                f"FlatLayout.ravel: {where}: expected None (as in the params), "
+                f"got an array of shape {got}."
+            )
+        return
+    if leaf is None or not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+        got = "None" if leaf is None else f"a {type(leaf).__name__}"
+        raise ValueError(
+            f"FlatLayout.ravel: {where}: expected an array of shape {shape} and dtype "
+            f"{dtype}, got {got}."
+        )
+    if tuple(leaf.shape) != shape:
+        raise ValueError(
+            f"FlatLayout.ravel: {where}: expected shape {shape}, got {tuple(leaf.shape)}."
+        )
+    if jnp.dtype(leaf.dtype) != dtype:
+        raise ValueError(
+            f"FlatLayout.ravel: {where}: expected dtype {dtype}, got {jnp.dtype(leaf.dtype)}."
+        )
 
 
 def flat_layout(params: Any) -> FlatLayout:
@@ -120,6 +205,11 @@ def flat(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraA
       >>> optax.apply_updates(params, updates)["w"].shape
       (3, 2)
     """
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise TypeError(
+            "flat takes an optax.GradientTransformation (with init and update), such as "
+            f"jadam.adam(1e-3); got {tx!r}."
+        )
     tx = optax.with_extra_args_support(tx)
 
     def init_fn(params):

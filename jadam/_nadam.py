@@ -79,12 +79,15 @@ def scale_by_nadam(
     Args:
       b1, b2, eps, eps_root, mu_dtype, nu_dtype, convention: as in `scale_by_adam`.
       momentum_decay: :math:`\psi` above, >= 0, or None for the convention's schedule.
+        ``inf`` is allowed and means its limit, a constant :math:`\mu_t = b_1`.
     """
     check_moment_args(b1, b2, eps, eps_root, convention)
     if momentum_decay is None:
         momentum_decay = DEFAULT_MOMENTUM_DECAY[convention]
     else:
-        nx.check_nonnegative("momentum_decay", momentum_decay)
+        nx.check_nonnegative("momentum_decay", momentum_decay, allow_inf=True)
+        if nx.concrete_float(momentum_decay) == math.inf:
+            momentum_decay = None  # the limit: a constant mu_t = b1, without inf * 0 traps
     mu_store = resolve_storage("mu_dtype", mu_dtype)
     nu_store = resolve_storage("nu_dtype", nu_dtype)
 

@@ -135,10 +135,19 @@ def check_convention(convention: Any) -> str:
 
 def check_number(name: str, value: Any) -> float | None:
     """`value` as a float; None for a schedule or a traced value (checked later, if
-    at all); a ValueError naming `name` for anything else (a string, None, an array
-    with more than one entry), which would otherwise fail deep inside `update`."""
+    at all); a ValueError naming `name` for anything else (a string, None, a bool,
+    a complex number, an array with more than one entry), which would otherwise
+    fail deep inside `update` or, for a bool, silently act as 0 or 1."""
     if callable(value) or isinstance(value, jax.core.Tracer):
         return None
+    try:
+        kind = np.dtype(value.dtype).kind  # NumPy and JAX scalars and arrays
+    except (AttributeError, TypeError):
+        kind = ""
+    if isinstance(value, (bool, np.bool_)) or kind == "b":
+        raise ValueError(f"{name} must be a number, not a bool, got {value!r}.")
+    if isinstance(value, complex) or kind == "c":
+        raise ValueError(f"{name} must be a real number, got {value!r}.")
     if not isinstance(value, (str, bytes)) and np.ndim(value) == 0:
         try:
             return float(value)
@@ -147,11 +156,18 @@ def check_number(name: str, value: Any) -> float | None:
     raise ValueError(f"{name} must be a number, got {value!r}.")
 
 
-def check_nonnegative(name: str, value: Any) -> None:
-    """`value >= 0` when it is concrete; schedules and traced values pass."""
+def check_nonnegative(name: str, value: Any, *, allow_inf: bool = False) -> None:
+    """`0 <= value < inf` (`<= inf` with `allow_inf`) when it is concrete; schedules
+    and traced values pass. An infinite step size or penalty turns parameters into
+    NaNs on the first step, so only arguments whose limit means something (and say
+    so in their docstring) take `allow_inf`."""
     number = check_number(name, value)
-    if number is not None and not number >= 0:  # `not >=` also rejects NaN
-        raise ValueError(f"{name} must be >= 0, got {number!r}.")
+    if number is None:
+        return
+    if allow_inf and not number >= 0:  # `not >=` also rejects NaN
+        raise ValueError(f"{name} must be >= 0 (inf allowed), got {number!r}.")
+    if not allow_inf and not 0 <= number < math.inf:
+        raise ValueError(f"{name} must be finite and >= 0, got {number!r}.")
 
 
 def check_decay(name: str, value: Any) -> None:
@@ -165,6 +181,28 @@ def check_finite(name: str, value: Any) -> None:
     number = check_number(name, value)
     if number is not None and not np.isfinite(number):
         raise ValueError(f"{name} must be finite, got {number!r}.")
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """`value` as a Python int in [low, high] (None: unbounded); ints and NumPy
+    integers, not bools (`True` as a block size or seed is a typo, not 1)."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if ok and (low is None or value >= low) and (high is None or value <= high):
+        return int(value)
+    if low is not None and high is not None:
+        bounds = f" in [{low}, {high}]"
+    elif low is not None:
+        bounds = f" >= {low}"
+    else:
+        bounds = ""
+    raise ValueError(f"{name} must be an int{bounds}, got {value!r}.")
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """`value` must be a bool (a string such as "no" would otherwise read as True)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{name} must be True or False, got {value!r}.")
 
 
 def map_moments(fn: Any, updates: Any, keys: Any, *moment_trees: Any) -> tuple[Any, ...]:
@@ -181,6 +219,7 @@ def map_moments(fn: Any, updates: Any, keys: Any, *moment_trees: Any) -> tuple[A
     grads = treedef.flatten_up_to(updates)
     columns = [flatten_like(updates, tree)[1] for tree in (keys, *moment_trees)]
     results = [None if g is None else fn(g, *row) for g, *row in zip(grads, *columns, strict=True)]
-    width = 1 + len(moment_trees)  # the direction and one new value per moment
+    # With no array leaf `fn` never runs: then the direction and one tree per moment.
+    width = next((len(r) for r in results if r is not None), 1 + len(moment_trees))
     outputs = [[None if r is None else r[i] for r in results] for i in range(width)]
     return tuple(treedef.unflatten(column) for column in outputs)

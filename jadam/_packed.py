@@ -103,7 +103,8 @@ class PackedAdam:
 
     def params(self, state: PackedAdamState) -> Any:
         """The parameter tree (slices of the flat vector: free under jit)."""
-        return self._layout().unravel({"float32": state.params})
+        layout = self._layout()
+        return layout.unravel({"float32": state.params} if layout.groups else {})
 
     def _layout(self) -> FlatLayout:
         if self.layout is None:

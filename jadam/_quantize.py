@@ -37,7 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jadam import _numerics as nx
 from jadam._rounding import mix, random_bits
+
+MIN_BLOCK, MAX_BLOCK = 16, 2**16  # Quantized's block_size range
 
 
 class QuantizedMoment(NamedTuple):
@@ -180,10 +183,13 @@ class Quantized:
     every step; the default rounds to nearest, as bitsandbytes does.
 
     Args:
-      block_size: entries sharing one float32 scale (256: 1/64 byte of scale each).
-      min_size: leaves smaller than this stay float32 (4096 = 16 blocks).
-      stochastic: round codes stochastically instead of to nearest.
-      seed: seed of the stochastic rounding.
+      block_size: entries sharing one float32 scale (256: 1/64 byte of scale each),
+        an int in [16, 65536]; powers of two are not required.
+      min_size: leaves smaller than this stay float32 (4096 = 16 blocks), an int >= 0.
+      stochastic: round codes stochastically instead of to nearest (a bool).
+      seed: seed of the stochastic rounding (an int).
+
+    Raises `ValueError` naming the argument for anything else.
 
     Example:
       >>> import jadam
@@ -199,10 +205,13 @@ class Quantized:
     stream: int = 0  # set by the optimizer: the random stream of this moment
 
     def __post_init__(self):
-        if not (isinstance(self.block_size, int) and self.block_size > 0):
-            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}.")
-        if not (isinstance(self.min_size, int) and self.min_size >= 0):
-            raise ValueError(f"min_size must be an int >= 0, got {self.min_size!r}.")
+        # Bounded: a leaf is padded to whole blocks, so a huge block would make a
+        # 10-entry leaf allocate the whole block (gigabytes at 2**31).
+        block = nx.check_int("block_size", self.block_size, MIN_BLOCK, MAX_BLOCK)
+        object.__setattr__(self, "block_size", block)
+        object.__setattr__(self, "min_size", nx.check_int("min_size", self.min_size, 0))
+        object.__setattr__(self, "stochastic", nx.check_flag("stochastic", self.stochastic))
+        object.__setattr__(self, "seed", nx.check_int("seed", self.seed))
 
     @property
     def needs_key(self) -> bool:

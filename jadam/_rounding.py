@@ -131,12 +131,15 @@ class StochasticRounding:
     needs_key = True
 
     def __post_init__(self):
-        if jnp.dtype(self.dtype) not in _ROUNDABLE:
+        try:
+            dtype = None if self.dtype is None else jnp.dtype(self.dtype)
+        except TypeError:
+            dtype = None
+        if dtype not in _ROUNDABLE:
             raise ValueError(
                 f"StochasticRounding dtype must be 'bfloat16' or 'float16', got {self.dtype!r}."
             )
-        if not isinstance(self.seed, int):
-            raise ValueError(f"StochasticRounding seed must be an int, got {self.seed!r}.")
+        object.__setattr__(self, "seed", nx.check_int("StochasticRounding seed", self.seed))
 
     def init(self, param: jax.Array) -> jax.Array:
         return jnp.zeros(jnp.shape(param), self.dtype)
@@ -177,8 +180,7 @@ def stochastic_round_updates(seed: int = 0) -> optax.GradientTransformationExtra
       >>> optax.apply_updates(params, updates)["w"].dtype
       dtype(bfloat16)
     """
-    if not isinstance(seed, int):
-        raise ValueError(f"seed must be an int, got {seed!r}.")
+    seed = nx.check_int("seed", seed)
 
     def init_fn(params):
         del params
