@@ -95,77 +95,82 @@ def test_stale_temporaries_are_removed_and_foreign_ones_kept(tmp_path):
 
 
 _CRASHER = """
-import os, sys
-import numpy as np
-from jadam.train import Trainer
-from jadam.train.models import MLP
+import os, shutil, sys
+from jadam.train.checkpoint import replace_dir
 
-path, when = sys.argv[1], int(sys.argv[2])
-t = Trainer(MLP((4, 1)), "adam", loss="binary_crossentropy", seed=1)
-t.build(np.zeros((1, 3), np.float32))
-t.epochs_done = 7  # tells the new checkpoint from the old one
-count = 0
-
-folder = os.path.dirname(os.path.abspath(path))
+source, folder, count_file = sys.argv[1], sys.argv[2], sys.argv[3]
+paths = sys.argv[4:]
 
 
-def hook(event, args):  # dies (no cleanup, like SIGKILL) at the when-th file operation
-    global count
-    arg = args[0] if args and isinstance(args[0], str | bytes) else ""
-    arg = os.fsdecode(arg)
-    if (event == "open" or event.startswith(("os.", "shutil."))) and arg.startswith(folder):
-        count += 1
-        if count == when:
-            os._exit(137)
+def write(tmp):  # the new checkpoint's files, in the order a save writes them
+    shutil.copytree(os.path.join(source, "state"), os.path.join(tmp, "state"))
+    for name in ("config.json", "history.json", "manifest.json"):
+        shutil.copy(os.path.join(source, name), os.path.join(tmp, name))
 
-sys.addaudithook(hook)
-t.save(path)
-sys.stdout.write(f"{count}")
-sys.stdout.flush()
-os._exit(0)
+
+def replace(path, when):
+    count = 0
+
+    def hook(event, args):  # dies (no cleanup, like SIGKILL) at the when-th file operation
+        nonlocal count
+        arg = os.fsdecode(args[0]) if args and isinstance(args[0], str | bytes) else ""
+        if (event == "open" or event.startswith(("os.", "shutil."))) and arg.startswith(folder):
+            count += 1
+            if count == when:
+                os._exit(137)
+
+    sys.addaudithook(hook)
+    replace_dir(path, write, "checkpoint")
+    with open(count_file, "w") as f:
+        f.write(str(count))
+
+
+# One fork per instant: each child replaces one checkpoint and dies at its instant.
+for when, path in enumerate(paths):  # when=0: a dry run that never dies (counts)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            replace(path, when)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
 """
 
 
-@pytest.mark.slow
-def test_a_save_killed_at_any_of_20_instants_leaves_a_complete_checkpoint(tmp_path):
+def test_a_save_killed_at_any_of_its_file_operations_leaves_a_complete_checkpoint(tmp_path):
+    old, new = _trainer(seed=0), _trainer(seed=1)
+    new.epochs_done = 7  # tells the new checkpoint from the old one
+    new.save(tmp_path / "source")
+    folder = tmp_path / "saves"
+    folder.mkdir()
     script = tmp_path / "crasher.py"
     script.write_text(_CRASHER)
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    count_file = tmp_path / "count"
 
-    def run(path, when):
-        return subprocess.Popen(
-            [sys.executable, str(script), str(path), str(when)], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+    def crash(paths):
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        args = [tmp_path / "source", folder, count_file, *paths]
+        r = subprocess.run([sys.executable, script, *map(str, args)], env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr
 
-    old = _trainer(seed=0)
-    # A dry run counts the file operations of one replacing save.
-    old.save(tmp_path / "dry")
-    p = run(tmp_path / "dry", 0)
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
-    total = int(out)
+    old.save(folder / "dry")
+    crash([folder / "dry"])
+    total = int(count_file.read_text())  # file operations of one replacing save
     assert total >= 20
-    instants = sorted({max(1, round(i * total / 20)) for i in range(1, 21)} | {1, total})
-    paths = []
-    procs = []
-    for i, when in enumerate(instants):
-        path = tmp_path / f"ck{i}"
-        old.save(path)
-        paths.append(path)
-        procs.append(run(path, when))
-        if len(procs) == 4 or i == len(instants) - 1:  # a few at a time: 2 cores
-            for proc in procs:
-                proc.communicate(timeout=300)
-            procs = []
+    paths = [folder / f"ck{i}" for i in range(total + 1)]
+    for p in paths[1:]:
+        old.save(p)
+    crash([folder / "dry", *paths[1:]])  # instant i kills ck{i}'s replacement
     seen = set()
-    for path in paths:
-        back = Trainer.load(path)  # complete: old or new, never missing or half
-        assert back.epochs_done in (0, 7)
+    for p in paths[1:]:
+        back = Trainer.load(p)  # complete: the old or the new, never missing or half
+        assert back.epochs_done in (0, 7), p
         seen.add(back.epochs_done)
-        old.save(path)  # the next save removes what the killed one left
-        assert sorted(n for n in os.listdir(tmp_path) if n.startswith(f".{path.name}.")) == []
     assert seen == {0, 7}  # the kills fell on both sides of the swap
+    for p in paths[1:]:
+        old.save(p)  # the next save removes what the killed one left
+    assert sorted(os.listdir(folder)) == sorted(["dry", *(p.name for p in paths[1:])])
 
 
 # ---------------------------------------------------------------- what loading trusts
