@@ -672,12 +672,15 @@ def _raise_missing(directory: str):
     raise FileNotFoundError(f"no checkpoint at {directory}")
 
 
-def _identity(directory: str) -> tuple[int, int] | None:
+def _identity(directory: str) -> tuple[int, ...] | None:
+    """Which folder is at the path now. The inode alone is not enough: a deleted
+    previous version's inode number is soon reused by the next save's folder; a
+    rename (and the exchange) renews the moved folder's ctime."""
     try:
         st = os.stat(directory)
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_ctime_ns, st.st_mtime_ns
 
 
 def load_trainer(cls, directory: str | os.PathLike, *, model=None, optimizer=None, mesh=None,

@@ -463,3 +463,41 @@ def test_an_unwritable_out_fails_before_training(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "Epoch" not in out  # refused before training
     assert str(ro) in err and len(err.strip().splitlines()) == 1
+
+
+# A read that meets a folder being swapped away fails inside orbax (and is retried);
+# tensorstore then completes futures on orbax's closed asyncio loop ("Event loop is
+# closed", reported as unraisable): third-party noise, ignored for this test only.
+@pytest.mark.filterwarnings("ignore:Exception ignored in:pytest.PytestUnraisableExceptionWarning")
+def test_readers_racing_a_writer_see_old_or_new(tmp_path):
+    import threading
+
+    a, b = _trainer(seed=0), _trainer(seed=1)
+    b.epochs_done = 7
+    path = tmp_path / "ck"
+    a.save(path)
+    Trainer.load(path)  # warm
+    done = threading.Event()
+    errors = []
+
+    def writer():
+        try:
+            for i in range(12):
+                (b if i % 2 else a).save(path)
+        except Exception as e:  # reported below: the writer must not fail either
+            errors.append(e)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen = []
+    while not done.is_set() or not seen:
+        try:
+            seen.append(Trainer.load(path).epochs_done)
+        except CheckpointError as e:
+            assert "in progress" in str(e)
+            seen.append("in progress")
+    thread.join()
+    assert not errors, errors
+    assert set(seen) <= {0, 7, "in progress"}
