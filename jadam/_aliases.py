@@ -18,10 +18,10 @@ from typing import Any
 import optax
 
 from jadam import _numerics as nx
-from jadam._adam import scale_by_adam
-from jadam._adamax import scale_by_adamax
-from jadam._nadam import scale_by_nadam
-from jadam._radam import scale_by_radam
+from jadam._transforms.adam import scale_by_adam
+from jadam._transforms.adamax import scale_by_adamax
+from jadam._transforms.nadam import scale_by_nadam
+from jadam._transforms.radam import scale_by_radam
 
 ScalarOrSchedule = Any  # a float, or an optax schedule `step -> float`
 

@@ -37,9 +37,9 @@ import numpy as np
 import optax
 
 from jadam import _numerics as nx
-from jadam._fused import FlatLayout
+from jadam._flat import FlatLayout
 from jadam._native import dispatch
-from jadam._quantize import SIGNED_MAP, UNSIGNED_MAP, QuantizedMoment, dequantize, quantize
+from jadam._storage.quantized import SIGNED_MAP, UNSIGNED_MAP, QuantizedMoment, dequantize, quantize
 
 
 def packed_native_available() -> bool:

@@ -12,7 +12,7 @@ import pytest
 import jadam
 from jadam import _native
 from jadam._native import dispatch
-from jadam._rounding import _GOLDEN, leaf_words, mix
+from jadam._storage.rounding import _GOLDEN, leaf_words, mix
 
 pytestmark = pytest.mark.skipif(not dispatch.available("adam_bf16"), reason="no C++ compiler here")
 

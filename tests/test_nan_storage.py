@@ -12,7 +12,7 @@ import pytest
 import jadam
 from jadam import _native
 from jadam._native import dispatch
-from jadam._quantize import SIGNED_MAP, UNSIGNED_MAP, dequantize, quantize
+from jadam._storage.quantized import SIGNED_MAP, UNSIGNED_MAP, dequantize, quantize
 
 BAD = (5, 1000, 7000)  # in blocks 0, 3 and 27 of a 8192-entry leaf
 BF16 = jadam.StochasticRounding("bfloat16", seed=1)

@@ -26,7 +26,7 @@ import pytest
 import jadam
 from jadam import _native
 from jadam._native import dispatch, loader
-from jadam._rounding import _GOLDEN
+from jadam._storage.rounding import _GOLDEN
 
 PACKAGE = os.path.dirname(jadam.__file__)
 HAS_COMPILER = shutil.which(os.environ.get("CXX", "g++").split()[0]) is not None

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import jadam
-from jadam._quantize import SIGNED_MAP, UNSIGNED_MAP, dequantize, quantize
+from jadam._storage.quantized import SIGNED_MAP, UNSIGNED_MAP, dequantize, quantize
 
 
 def heavy_tailed(key, n):

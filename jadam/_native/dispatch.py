@@ -33,8 +33,8 @@ import numpy as np
 from jadam import _numerics as nx
 from jadam._native import loader
 from jadam._native.loader import NativeError
-from jadam._quantize import SIGNED_MAP, UNSIGNED_MAP, QuantizedMoment
-from jadam._rounding import StochasticRounding, mix
+from jadam._storage.quantized import SIGNED_MAP, UNSIGNED_MAP, QuantizedMoment
+from jadam._storage.rounding import StochasticRounding, mix
 
 ADAM_Q8 = loader.KERNELS["adam_q8"].symbols["AdamQ8Step"]
 ADAM_BF16 = loader.KERNELS["adam_bf16"].symbols["AdamBf16Step"]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from jadam import _numerics as nx
-from jadam._adam import (
+from jadam._transforms.adam import (
     adam_denominator,
     check_moment_args,
     moment_transform,

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jadam import _numerics as nx
-from jadam._rounding import mix, random_bits
+from jadam._storage.rounding import mix, random_bits
 
 MIN_BLOCK, MAX_BLOCK = 16, 2**16  # Quantized's block_size range
 

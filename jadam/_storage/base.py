@@ -13,7 +13,7 @@ boundary with three pure methods:
   storage mixes in its own seed and stream.
 
 Storages: `FloatStorage` (a dtype), `StochasticRounding` (bf16/f16, unbiased
-rounding, `_rounding`) and `Quantized` (blockwise 8-bit codes, `_quantize`).
+rounding, `rounding`) and `Quantized` (blockwise 8-bit codes, `quantized`).
 
 A stored moment may itself be a small pytree (a quantized storage keeps codes
 and scales): the transforms walk the state with the gradient tree as the
@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from jadam._numerics import compute_dtype, is_none
-from jadam._quantize import Quantized
-from jadam._rounding import StochasticRounding, leaf_words, mix
+from jadam._storage.quantized import Quantized
+from jadam._storage.rounding import StochasticRounding, leaf_words, mix
 
 
 @dataclasses.dataclass(frozen=True)
