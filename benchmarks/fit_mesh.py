@@ -13,7 +13,7 @@ The figure is what a user sees: wall time of `fit(x, y, epochs=EPOCHS, verbose=0
 optimizer steps it ran; compilation is paid in an untimed first call. The device count
 is fixed when JAX starts, so each process starts with
 `--xla_force_host_platform_device_count=8` and builds all three trainers; they are
-timed interleaved (A B C A B C ...; FACTS.md: these machines are noisy), over
+timed interleaved (A B C A B C ...; these machines are noisy), over
 `--rounds` processes. The table gives the median over all calls of all rounds and
 each configuration's ratio to 1 device.
 

@@ -11,7 +11,7 @@ Configurations, all `jadam.jit_data_parallel` on a `jadam.data_parallel_mesh`:
 The device count is fixed when JAX starts, so each process is started with
 `--xla_force_host_platform_device_count=8` and builds all three configurations;
 they are timed interleaved (A B C A B C ..., blocks of a few steps) because these
-machines are noisy (FACTS.md): the ratios between them are the result. A plain
+machines are noisy: the ratios between them are the result. A plain
 process (one CPU device, no flag) times the 1-device step too, as a control on the
 flag; it runs at another moment, so on a shared machine its row moves with the load
 (measured both 0.8x and 1.3x of the in-process 1-device row). Processes alternate

@@ -2,7 +2,7 @@
 
 XLA's CPU runtime pays a few microseconds per output leaf and compiles one
 set of loops per leaf, so a 2,000-leaf Adam step spends its time in
-bookkeeping and takes tens of seconds to compile (FACTS.md). `flat(tx)`
+bookkeeping and takes tens of seconds to compile. `flat(tx)`
 concatenates the gradients (and parameters) of each dtype into one vector,
 runs `tx` on those few vectors, and splits the result back into the
 gradient's tree: the moments live in one buffer per dtype, the state has a

@@ -1,7 +1,7 @@
 """The contract of a transform: validation, dtypes, composition, JAX transforms.
 
 Numerical parity with optax / torch / keras lives in test_parity.py; this file
-checks everything else DESIGN.md promises, table-driven over every optimizer.
+checks the rest of the transform contract, table-driven over every optimizer.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Low-precision state and parameters train as well as float32 (issue 4's quality bar).
+"""Low-precision state and parameters train as well as float32.
 
 Two problems, same seed for every variant: sklearn's `digits` (64-128-10 MLP)
 and a 784-512-512-10 MLP on synthetic teacher-labelled data. The final

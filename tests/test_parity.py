@@ -1,4 +1,4 @@
-"""Trajectory parity of jadam's optimizers with optax, PyTorch and Keras (issue 2).
+"""Trajectory parity of jadam's optimizers with optax, PyTorch and Keras.
 
     pytest tests/test_parity.py -q
 
