@@ -438,6 +438,10 @@ _JAX_START_S = 30  # JAX's wait after the handshake: at least this, time to star
 _POLL_S = 0.2  # how often a process retries a coordinator that is not listening yet
 
 
+class PeerMismatchError(ValueError):
+    """The processes of a run disagree (number of processes, a process id taken twice)."""
+
+
 def _check_address(value: Any, name: str) -> tuple[str, int]:
     address = value if isinstance(value, str) else ""
     match = _ADDRESS.match(address)
@@ -611,7 +615,9 @@ def _join(host: str, port: int, pid: int, n: int, deadline: float, address: str,
                 "and num_processes, or wait longer with init_timeout."
             )
         if words[0] == "refused":
-            raise ValueError(f"init_distributed: the coordinator at {address} refused: {words[1]}.")
+            raise PeerMismatchError(
+                f"init_distributed: the coordinator at {address} refused: {words[1]}."
+            )
         time.sleep(_POLL_S)  # closed without an answer: something else on the port; retry
 
 
@@ -666,9 +672,9 @@ def init_distributed(
     Raises:
       ValueError: only some of the three arguments are given, `num_processes`
         is not a positive int, `process_id` is outside [0, num_processes), an
-        address is not "host:port" with a port in 1..65535, `init_timeout` is not
-        a positive finite number, or the processes disagree on `num_processes`
-        or both claim one `process_id`.
+        address is not "host:port" with a port in 1..65535, or `init_timeout` is
+        not a positive finite number. (`PeerMismatchError`, a subclass: the
+        processes disagree on `num_processes`, or two claim one `process_id`.)
       TimeoutError: not every process joined within `init_timeout`; the message
         names the coordinator and, as far as this process knows, who is missing.
       OSError: process 0 cannot listen on the coordinator's address (the port

@@ -176,7 +176,7 @@ def _join_processes(parser: argparse.ArgumentParser, args) -> None:
                      "--coordinator, --num-processes or --process-id")  # fmt: skip
     if not args.distributed and all(v is None for v in given):
         return
-    from jadam._sharding import init_distributed
+    from jadam._sharding import PeerMismatchError, init_distributed
 
     def flags(msg: str) -> str:
         for name, flag in (("coordinator_bind_address", "--coordinator"),
@@ -193,6 +193,8 @@ def _join_processes(parser: argparse.ArgumentParser, args) -> None:
         else:
             init_distributed(args.coordinator, args.num_processes, args.process_id,
                              init_timeout=args.init_timeout)  # fmt: skip
+    except PeerMismatchError as e:  # another process's command line differs
+        parser.exit(2, f"jadam train: error: {flags(str(e))}\n")
     except ValueError as e:
         parser.error(flags(str(e)))
     except OSError as e:  # TimeoutError included: peers missing, port in use

@@ -93,6 +93,17 @@ def test_a_coordinator_port_in_use_is_an_error_before_jax_starts(tmp_path):
     assert address in line and "in use" in line, line
 
 
+def test_processes_that_disagree_on_the_count_are_refused(tmp_path):
+    results = procs.run_processes(
+        lambda pid, address: [*CLI, *_dist(address, 2 if pid == 0 else 3, pid),
+                              "--init-timeout", INIT_TIMEOUT],
+        n=2, cwd=tmp_path, env=ENV, timeout=60,
+    )  # fmt: skip
+    assert [c for c, _ in results] == [2, 2], results
+    assert "process 1 of 2 had not joined" in _assert_one_clean_line(results[0][1])
+    assert "--num-processes=2, process 1 with 3" in _assert_one_clean_line(results[1][1])
+
+
 _LISTENING = """
 import sys
 sys.path.insert(0, {tests!r})
