@@ -117,6 +117,8 @@ def load(
     multiclass, anything else (e.g. -1/0/1) regression. ``"classification"`` makes
     any integer or string labels classes (binary when there are two).
     """
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if task is not None and task not in _TASKS:
         raise ValueError(f"task must be one of {list(_TASKS)} or None, got {task!r}")
     if not 0 <= val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:

@@ -32,6 +32,9 @@ def test_unknown_dataset_and_bad_fractions():
         datasets.load("mnist")
     with pytest.raises(ValueError, match="sum < 1"):
         datasets.load("iris", val_fraction=0.5, test_fraction=0.5)
+    for seed in (-1, 2**32, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an integer in"):
+            datasets.load("iris", seed=seed)
 
 
 def _csv(tmp_path, text):
