@@ -2,7 +2,8 @@
 
 A checkpoint folder holds exactly:
 
-- ``state/``: the arrays (parameters, optimizer state, step, RNG key), saved by orbax
+- ``state/``: the arrays (parameters, optimizer state (with the weight average under
+  ``ema=``), step, RNG key, model state such as batch statistics), saved by orbax
   under plain keys ``a0000, a0001, ...``;
 - ``config.json``: everything needed to rebuild the trainer as plain JSON (model
   config, loss, metrics, optimizer name and options, input shapes, NumPy shuffling
@@ -498,6 +499,9 @@ def _check_config(cfg: dict, path: str) -> None:
     need("l2", is_number, "a finite number >= 0")
     need("seed", lambda v: type(v) is int, "an integer")
     need("steps_per_call", lambda v: v is None or is_int(v, 1), "null or an integer >= 1")
+    ema = cfg.get("ema")  # absent in checkpoints written before ema=
+    if not (ema is None or (type(ema) in (int, float) and 0 <= ema < 1)):
+        raise CheckpointError(f"checkpoint config {path}: ema must be null or a number in [0, 1)")
     spec = need("input_spec", lambda v: True, "")
     try:
         inputs.check_spec(spec, "input_spec")
@@ -582,6 +586,7 @@ def _write_checkpoint(trainer, directory: str, items) -> None:
         "l2": trainer.l2,
         "seed": trainer.seed,
         "steps_per_call": trainer.steps_per_call,
+        "ema": trainer.ema,
         "input_spec": trainer.input_spec,
         "output_shape": list(trainer.output_shape),
         "epochs_done": trainer.epochs_done,
@@ -747,7 +752,7 @@ def _load(cls, directory, model, optimizer, mesh, zero1):
             model, optimizer if optimizer is not None else opt["name"],
             loss=cfg["loss"], metrics=cfg["metrics"], optimizer_options=options,
             l1=cfg["l1"], l2=cfg["l2"], seed=cfg["seed"], steps_per_call=cfg["steps_per_call"],
-            mesh=mesh, zero1=zero1,
+            mesh=mesh, zero1=zero1, ema=cfg.get("ema"),
         )  # fmt: skip
     except OptionError as e:
         raise CheckpointError(str(e)) from None

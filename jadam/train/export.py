@@ -48,7 +48,8 @@ def export_trainer(trainer, path: str, platforms=None, metadata: dict | None = N
 
     # Whole host copies: the exported function closes over constants, never over
     # arrays placed on a mesh (or on another process's devices).
-    params, rest = to_host((trainer.state.params, trainer.rest))
+    # Inference mode; the averaged weights under Trainer(ema=).
+    params, rest = to_host((trainer.inference_params, trainer.rest))
     adapter, link = trainer.adapter, trainer.loss.link
 
     def infer(x):

@@ -22,6 +22,21 @@ the ``(steps, batch)`` index arrays are split along the batch over the mesh's
 all-reduces the gradients. With ``zero1=True`` each moment of the optimizer state is
 also split over the data axis (ZeRO-1: each device stores 1/N of it). The metric
 vector comes back replicated. A one-device mesh runs the same program as N devices.
+
+Model state (batch statistics, NNX RNG counts) lives in the train state and is
+updated by each training step. On a mesh it is replicated, and a batch norm's
+statistics are those of the *global* batch: the batch axis is one array split over
+devices, so XLA computes its mean and variance with a cross-device reduction, and N
+devices give the numbers of one device with the whole batch (up to float32
+summation order), unlike Keras/PyTorch's per-replica statistics. (With Adam, the
+bias of a layer feeding a batch norm, whose gradient is 0 up to that rounding, can
+still move differently: Adam scales rounding noise to a full step.) Dropout keys are
+``fold_in(rng, step)``: the same masks for the global batch whatever the mesh.
+
+Sample weights (``w``): the loss of a batch is ``sum(w * loss) / batch_size``, and
+the loss reported is ``sum(w * loss) / n`` over the epoch (Keras' default
+``"sum_over_batch_size"`` reduction); metrics are weighted means
+``sum(w * m) / sum(w)``. Without weights (``None``) the program is the unweighted one.
 """
 
 from __future__ import annotations
@@ -45,6 +60,8 @@ class TrainState(NamedTuple):
     opt_state: Any  # the optimizer's state (a pytree; jadam never looks inside)
     step: jax.Array  # shape=(), dtype=int32: optimizer steps taken
     rng: jax.Array  # shape=(2,), dtype=uint32: raw key data, saved with checkpoints
+    # the model's other variables (batch statistics, NNX RNG state); {} for most models
+    model_state: Any = {}  # noqa: RUF012 (a NamedTuple default; never mutated)
 
 
 def batch_plan(
@@ -138,20 +155,23 @@ class Programs:
         rep = replicated(self.mesh)
         idx = batch_sharding(self.mesh, "data", batch_dim=1)  # (steps, batch) indices
         opt = state_shardings(self.tx, params, rep, zero1_axis="data" if self.zero1 else None)
-        self.state_sharding = state_sh = TrainState(rep, opt, rep, rep)
+        self.state_sharding = state_sh = TrainState(rep, opt, rep, rep, rep)
         # The last partial batch (``rem``) is placed by `place_rem` (split when its size
         # allows, else replicated); None lets jit take that placement as it is.
         self.train_chunk = jax.jit(
             self._train_chunk, donate_argnums=(0,),
-            in_shardings=(state_sh, rep, rep, rep, idx, None), out_shardings=(state_sh, rep),
+            in_shardings=(state_sh, rep, rep, idx, None, idx, None),
+            out_shardings=(state_sh, rep),
         )  # fmt: skip
         self.eval_chunk = jax.jit(
-            self._eval_chunk, in_shardings=(rep, rep, rep, rep, idx, idx), out_shardings=rep
+            self._eval_chunk, in_shardings=(rep, rep, rep, rep, idx, idx, idx), out_shardings=rep
         )
         self.predict_chunk = jax.jit(
             self._predict_chunk, in_shardings=(rep, rep, rep, idx), out_shardings=rep
         )
-        self.init_state = jax.jit(self._init_state, in_shardings=(rep, rep), out_shardings=state_sh)
+        self.init_state = jax.jit(
+            self._init_state, in_shardings=(rep, rep, rep), out_shardings=state_sh
+        )
 
     # ---- placing host data (every process passes the same global values)
 
@@ -191,16 +211,18 @@ class Programs:
     def names(self) -> list[str]:
         return ["loss"] + [m.name for m in self.metrics]
 
-    def _init_state(self, params: Any, rng: jax.Array) -> TrainState:
-        return TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32), rng)
+    def _init_state(self, params: Any, model_state: Any, rng: jax.Array) -> TrainState:
+        return TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32), rng, model_state)
 
     def _zero_sums(self) -> list[Any]:
         return [(jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))] + [
             m.init() for m in self.metrics
         ]
 
-    def _add(self, sums, out, y, w, per, penalty):
-        loss_sums = (sums[0][0] + jnp.sum(w * (per + penalty)), sums[0][1] + jnp.sum(w))
+    def _add(self, sums, out, y, w, per, penalty, count):
+        """Add a batch: metrics weighted by ``w``; the loss as ``sum(w * per)`` plus the
+        penalty once per row, over ``count`` rows (Keras' sum-over-batch-size)."""
+        loss_sums = (sums[0][0] + jnp.sum(w * per) + penalty * count, sums[0][1] + count)
         return [loss_sums] + [
             m.update(s, out, y, w) for m, s in zip(self.metrics, sums[1:], strict=True)
         ]
@@ -230,51 +252,63 @@ class Programs:
             logs[m.name] = m.result(s)
         return logs
 
-    def _train_chunk(self, state: TrainState, rest, x, y, idx, rem):
+    def _train_chunk(self, state: TrainState, x, y, idx, rem, w=None, wrem=None):
         """``idx``: (steps, batch) full batches, scanned; ``rem``: the epoch's last partial
-        batch (its own static size) or None. Every row counts exactly once."""
+        batch (its own static size) or None. Every row counts exactly once. ``w``/``wrem``:
+        the sample weights of those rows, or None (unweighted)."""
         self.trace_counts["train"] += 1  # Python side effect: runs only while tracing
+        adapter = self.adapter
 
-        def loss_fn(params, xb, yb):
-            out = self.adapter.apply(params, rest, xb)
+        def loss_fn(params, model_state, xb, yb, wb, key):
+            out, model_state = adapter.apply_train(params, model_state, xb, key)
             per = self.loss.fn(out, yb).astype(jnp.float32)
             penalty = weight_penalty(params, self.l1, self.l2)
-            return jnp.mean(per) + penalty, (out, per, penalty)
+            data = jnp.mean(per) if wb is None else jnp.sum(wb * per) / per.shape[0]
+            return data + penalty, (out, per, penalty, model_state)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-        def step(carry, rows):
+        def step(carry, batch):
             state, sums = carry
+            rows, wb = batch
             xb, yb = _take(x, rows), _take(y, rows)
-            (_, (out, per, penalty)), grads = grad_fn(state.params, xb, yb)
+            key = None
+            if adapter.needs_rng:  # a fresh dropout key per step, reproducible on resume
+                key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+            (_, (out, per, penalty, model_state)), grads = grad_fn(
+                state.params, state.model_state, xb, yb, wb, key
+            )
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            wb = jnp.ones(rows.shape, jnp.float32)
-            sums = self._add(sums, out, yb, wb, per, penalty)
-            return (TrainState(params, opt_state, state.step + 1, state.rng), sums), None
+            mw = jnp.ones(rows.shape, jnp.float32) if wb is None else wb
+            sums = self._add(sums, out, yb, mw, per, penalty, rows.shape[0])
+            new = TrainState(params, opt_state, state.step + 1, state.rng, model_state)
+            return (new, sums), None
 
         carry = (state, self._zero_sums())
         if idx.shape[0]:
-            carry, _ = jax.lax.scan(step, carry, idx)
+            carry, _ = jax.lax.scan(step, carry, (idx, w))
         if rem is not None:
             # The last partial batch runs at its own (static) size, inside the same program:
             # no padding compute in training, no recompilation across epochs.
-            carry, _ = step(carry, rem)
+            carry, _ = step(carry, (rem, wrem))
         state, sums = carry
         return state, self._flat(sums)
 
-    def _eval_chunk(self, params, rest, x, y, idx, w):
+    def _eval_chunk(self, params, rest, x, y, idx, w, sw=None):
+        """``w``: 1 for real rows, 0 for padding; ``sw``: sample weights or None."""
         self.trace_counts["eval"] += 1
         penalty = weight_penalty(params, self.l1, self.l2)
 
         def body(sums, batch):
-            rows, wb = batch
+            rows, wb, swb = batch
             xb, yb = _take(x, rows), _take(y, rows)
             out = self.adapter.apply(params, rest, xb)
             per = self.loss.fn(out, yb).astype(jnp.float32)
-            return self._add(sums, out, yb, wb, per, penalty), None
+            mw = wb if swb is None else wb * swb
+            return self._add(sums, out, yb, mw, per, penalty, jnp.sum(wb)), None
 
-        sums, _ = jax.lax.scan(body, self._zero_sums(), (idx, w))
+        sums, _ = jax.lax.scan(body, self._zero_sums(), (idx, w, sw))
         return self._flat(sums)
 
     def _predict_chunk(self, params, rest, x, idx):

@@ -66,6 +66,37 @@ def make_optimizer(name: str, options: Mapping[str, Any] | None = None):
         raise ValueError(f"bad options for optimizer {name!r}: {e}") from None
 
 
+def class_weights(class_weight: Any, y: np.ndarray) -> np.ndarray:
+    """Per-row weights from ``{class: weight}`` as Keras computes them: the class of a
+    row is the argmax of a one-hot label, else the label rounded; unlisted classes weigh 1."""
+    if not isinstance(class_weight, Mapping):
+        raise TypeError(
+            f"class_weight must be a dict {{class: weight}}, got {type(class_weight).__name__}"
+        )
+    table = {}
+    for k, v in class_weight.items():
+        if isinstance(k, bool) or not isinstance(k, int | np.integer):
+            raise ValueError(f"class_weight keys must be integer class labels, got {k!r}")
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, int | float | np.number)
+            or not (np.isfinite(v) and v >= 0)
+        ):
+            raise ValueError(f"class_weight[{k}] must be a finite number >= 0, got {v!r}")
+        table[int(k)] = float(v)
+    labels = y.reshape(len(y), -1)
+    labels = labels[:, 0] if labels.shape[1] == 1 else np.argmax(labels, axis=1)
+    labels = np.round(labels).astype(np.int64)
+    return np.array([table.get(int(c), 1.0) for c in labels], np.float32)
+
+
+def padded_weights(sw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sample weights laid out like `batch_plan`'s ``(steps, batch)``, 0 for padding."""
+    out = np.zeros(int(np.prod(shape)), np.float32)
+    out[: len(sw)] = sw
+    return out.reshape(shape)
+
+
 class Trainer:
     """Train a Flax model (Linen or NNX) the way Keras trains one.
 
@@ -93,6 +124,19 @@ class Trainer:
         0). ``None`` (default): one device, as without sharding.
       zero1: on a mesh, also split the optimizer state's moments over the data axis
         (ZeRO-1): each device stores 1/N of them; parameters come out the same.
+      ema: keep an exponential moving average of the weights with this decay (e.g.
+        0.999; Keras' ``use_ema``): ``jadam.ema_params(ema)`` is chained after the
+        optimizer (the zero-started, debiased average). ``evaluate``, ``predict``,
+        ``export`` and the exported model of a run use the averaged weights
+        (:attr:`inference_params`); training, :attr:`params` and checkpoints keep the
+        raw ones too, so a resumed run continues exactly. ``None`` (default): no average.
+
+    Dropout and batch normalization (``jadam.MLP(dropout=, batch_norm=)``, or a Linen
+    or NNX model of your own with them) train in training mode in ``fit`` and run in
+    inference mode in ``evaluate``, ``predict`` and ``export``; their state (batch
+    statistics, RNG counts) is part of the train state and of checkpoints. See
+    :mod:`jadam.train.models` for how a model is switched, and :mod:`jadam.train.loop`
+    for batch statistics on a mesh (those of the global batch).
 
     Several processes (hosts): call ``jadam.init_distributed(...)`` first in each, then
     run the same script with the same data and seed and
@@ -114,6 +158,7 @@ class Trainer:
         steps_per_call: int | None = None,
         mesh: jax.sharding.Mesh | None = None,
         zero1: bool = False,
+        ema: float | None = None,
     ):
         if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
             raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
@@ -141,6 +186,16 @@ class Trainer:
                 "optimizer must be a name or an optax GradientTransformation, "
                 f"got {type(optimizer).__name__}"
             )
+        if ema is not None:
+            if isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 <= ema < 1:
+                raise ValueError(
+                    f"ema must be a decay in [0, 1) such as 0.999, or None; got {ema!r}"
+                )
+            if getattr(self, "_accumulation", 1) > 1:
+                # Chained after optax.MultiSteps it would average every micro-batch.
+                raise ValueError("ema= does not combine with gradient_accumulation_steps yet")
+            self.tx = optax.chain(self.tx, jadam.ema_params(float(ema)))
+        self.ema = None if ema is None else float(ema)
         for name, v in (("l1", l1), ("l2", l2)):
             if not np.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
@@ -155,7 +210,6 @@ class Trainer:
         )
         self.np_rng = np.random.default_rng(self.seed)  # shuffling: NumPy, on the host
         self.state: TrainState | None = None
-        self.rest: Any = None
         self.input_spec: Any = None
         self.output_shape: tuple[int, ...] | None = None
         self.epochs_done = 0
@@ -181,8 +235,7 @@ class Trainer:
         if self.mesh is not None:  # every process made the same values from the same seed
             params, rest, rng = self.programs.replicate((params, rest, rng))
             self.programs.bind(params)
-        self.rest = rest
-        self.state = self.programs.init_state(params, rng)
+        self.state = self.programs.init_state(params, rest, rng)
         out = jax.eval_shape(lambda p, r, s: self.adapter.apply(p, r, s), params, rest, sample)
         self.output_shape = tuple(out.shape[1:])
         return self
@@ -200,7 +253,7 @@ class Trainer:
 
         def build(sample):
             params, rest, rng = self._initial(sample)
-            state = TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32), rng)
+            state = TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32), rng, rest)
             return state, self.adapter.apply(params, rest, sample)
 
         return jax.eval_shape(build, abstract(input_spec, 1))
@@ -214,8 +267,27 @@ class Trainer:
 
     @property
     def params(self) -> Any:
+        """The trained (raw) parameters."""
         self._need_built()
         return self.state.params
+
+    @property
+    def rest(self) -> Any:
+        """The model state: the variables that are not parameters (batch statistics,
+        NNX RNG state); ``{}`` for most models, None before ``build``."""
+        return None if self.state is None else self.state.model_state
+
+    @property
+    def inference_params(self) -> Any:
+        """The weights ``evaluate``, ``predict`` and ``export`` use: the moving average
+        with ``ema=``, else :attr:`params`."""
+        self._need_built()
+        if self.ema is None:
+            return self.state.params
+        avg = jadam.ema_params_of(self.state.opt_state)
+        if self.zero1:  # ZeRO-1 split the average over the mesh: replicate it
+            avg = self.programs.replicate(to_host(avg))
+        return avg
 
     def set_params(self, params: Any) -> None:
         """Replace the parameters (same structure and shapes); optimizer state is kept."""
@@ -344,11 +416,39 @@ class Trainer:
         shuffle: bool = True,
         callbacks: Sequence[Callback] = (),
         verbose: int = 1,
+        class_weight: Mapping[int, float] | None = None,
+        sample_weight: Any = None,
+        initial_epoch: int | None = None,
     ) -> History:
-        """Train for ``epochs`` more epochs; a second call continues where this one ended."""
+        """Train for ``epochs`` more epochs; a second call continues where this one ended.
+
+        ``sample_weight`` (one weight >= 0 per row) or ``class_weight`` (``{class:
+        weight}``; classes not listed weigh 1; the class of a row is its integer label,
+        the argmax of a one-hot label, or a rounded binary label) weight each row's
+        loss and metrics, as in Keras (not both). A batch's loss is
+        ``sum(w * loss) / batch_size`` (Keras' ``"sum_over_batch_size"``: weights are
+        not renormalised), the reported loss ``sum(w * loss) / n`` and the metrics
+        weighted means. With ``validation_split`` the weights are split like the rows;
+        ``validation_data`` may be ``(x, y, sample_weight)``.
+
+        ``initial_epoch``: as in Keras, the number of the first epoch, ``epochs`` then
+        being the number after the last: trains epochs ``initial_epoch .. epochs - 1``
+        (History and callbacks see those numbers). ``None`` (default) continues the
+        count from earlier ``fit`` calls and trains ``epochs`` epochs.
+        """
         batch_size = self._check_batch_size(batch_size)
         if isinstance(epochs, bool) or not isinstance(epochs, int | np.integer) or epochs < 0:
             raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+        if initial_epoch is not None:
+            if (
+                isinstance(initial_epoch, bool)
+                or not isinstance(initial_epoch, int | np.integer)
+                or initial_epoch < 0
+            ):
+                raise ValueError(f"initial_epoch must be an integer >= 0, got {initial_epoch!r}")
+            initial_epoch = int(initial_epoch)
+        if class_weight is not None and sample_weight is not None:
+            raise ValueError("give class_weight or sample_weight, not both")
         if not 0.0 <= validation_split < 1.0:
             raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
         if validation_data is not None and validation_split:
@@ -367,8 +467,12 @@ class Trainer:
                 f"data axis (each device takes batch_size / {k} rows); try "
                 f"batch_size={max(k, batch_size // k * k)}"
             )
+        y_raw = y
         x, y, n = self._prepare(x, y)
-        val = None
+        sw = self._sample_weights(sample_weight, n)
+        if class_weight is not None:
+            sw = class_weights(class_weight, np.asarray(y_raw))
+        val, vsw = None, None
         if validation_split:
             n_val = int(n * validation_split)  # the last rows, as in Keras (before shuffling)
             if n_val < 1 or n_val >= n:
@@ -376,10 +480,16 @@ class Trainer:
             cut = n - n_val
             val = (jax.tree.map(lambda a: a[cut:], x), y[cut:], n_val)
             x, y, n = jax.tree.map(lambda a: a[:cut], x), y[:cut], cut
+            if sw is not None:
+                sw, vsw = sw[:cut], sw[cut:]
         elif validation_data is not None:
-            if not isinstance(validation_data, tuple | list) or len(validation_data) != 2:
-                raise ValueError("validation_data must be a pair (x_val, y_val)")
+            if not isinstance(validation_data, tuple | list) or len(validation_data) not in (2, 3):
+                raise ValueError(
+                    "validation_data must be a pair (x_val, y_val) or (x_val, y_val, weights)"
+                )
             val = self._prepare(validation_data[0], validation_data[1], "validation ")
+            if len(validation_data) == 3:
+                vsw = self._sample_weights(validation_data[2], val[2], "validation sample_weight")
 
         # The data go to the device once for the whole fit.
         # On a mesh: replicated on every device; only the index arrays are split.
@@ -387,7 +497,9 @@ class Trainer:
         vald = None
         if val is not None:
             vx, vy, vn = val
-            plan = batch_plan(vn, batch_size)  # placed once, reused every epoch
+            plan = (*batch_plan(vn, batch_size), None)  # placed once, reused every epoch
+            if vsw is not None:
+                plan = (plan[0], plan[1], padded_weights(vsw, plan[1].shape))
             plan = jax.device_put(plan) if self.mesh is None else self.programs.place_indices(plan)
             vald = (*self.programs.replicate((vx, vy)), *plan)
 
@@ -400,6 +512,9 @@ class Trainer:
         for cb in callbacks:
             cb.set_trainer(self)
             cb.on_train_begin({})
+        if initial_epoch is not None:
+            self.epochs_done = initial_epoch
+            epochs = max(epochs - initial_epoch, 0)
         progress = Progress(verbose, epochs, self.epochs_done)
         # Without callbacks nothing can stop training early, so epoch e+1 is dispatched
         # before epoch e's numbers are pulled to the host: the host-side bookkeeping
@@ -427,14 +542,19 @@ class Trainer:
                 t0 = time.perf_counter()
                 perm = self.np_rng.permutation(n).astype(np.int32) if shuffle else None
                 idx, rem = train_plan(n, batch_size, perm)
+                w = wrem = None
+                if sw is not None:  # the rows' weights, in the rows' order (host side)
+                    w, wrem = sw[idx], None if rem is None else sw[rem]
                 total = None
                 for i, start in enumerate(starts):
                     last = i == len(starts) - 1
                     # A chunk is one compiled call; only the chunk's indices cross over.
                     self.state, flat = self.programs.train_chunk(
-                        self.state, self.rest, xd, yd,
+                        self.state, xd, yd,
                         self.programs.place_indices(idx[start : start + spc]),
                         self.programs.place_rem(rem if last else None),
+                        None if w is None else self.programs.place_indices(w[start : start + spc]),
+                        self.programs.place_rem(wrem if last else None),
                     )  # fmt: skip
                     if len(starts) > 1:
                         flat = to_host(flat)  # host sync point: once per call
@@ -445,7 +565,7 @@ class Trainer:
                         total = flat  # still on the device
                 vflat = None
                 if vald is not None:
-                    vflat = self.programs.eval_chunk(self.state.params, self.rest, *vald)
+                    vflat = self.programs.eval_chunk(self.inference_params, self.rest, *vald)
                 item = (self.epochs_done, total, vflat, t0)
                 self.epochs_done += 1
                 if deferred:
@@ -475,24 +595,50 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluate / predict
 
-    def _evaluate_placed(self, params, x, y, idx, w) -> dict[str, float]:
-        idx, w = self.programs.place_indices((idx, w))
-        flat = self.programs.eval_chunk(params, self.rest, x, y, idx, w)
+    def _evaluate_placed(self, params, x, y, idx, w, sw=None) -> dict[str, float]:
+        idx, w, sw = self.programs.place_indices((idx, w, sw))
+        flat = self.programs.eval_chunk(params, self.rest, x, y, idx, w, sw)
         return self._logs(to_host(flat))
 
-    def evaluate(self, x: Any, y: Any, batch_size: int = 256, verbose: int = 0) -> dict[str, float]:
-        """Loss and metrics over all of ``(x, y)`` (weighted: the last partial batch counts)."""
+    def _sample_weights(self, sample_weight: Any, n: int, what: str = "sample_weight"):
+        """``sample_weight`` as a float32 vector of ``n`` finite weights >= 0 (or None)."""
+        if sample_weight is None:
+            return None
+        sw = np.asarray(sample_weight)
+        if sw.dtype.kind not in "biuf":
+            raise ValueError(f"{what} must be numeric, got dtype {sw.dtype}")
+        if sw.ndim == 2 and sw.shape[1] == 1:
+            sw = sw[:, 0]
+        if sw.shape != (n,):
+            raise ValueError(f"{what} must hold one weight per row ({n},), got shape {sw.shape}")
+        sw = sw.astype(np.float32)
+        if not np.all(np.isfinite(sw)) or np.any(sw < 0):
+            raise ValueError(f"{what} must be finite and >= 0")
+        return sw
+
+    def evaluate(
+        self, x: Any, y: Any, batch_size: int = 256, verbose: int = 0, sample_weight: Any = None
+    ) -> dict[str, float]:
+        """Loss and metrics over all of ``(x, y)`` (the last partial batch counts), in
+        inference mode, with the averaged weights under ``ema=``. ``sample_weight``:
+        as in ``fit`` (loss ``sum(w * loss) / n``, metrics weighted means)."""
         batch_size = self._eval_batch_size(batch_size)
         self._need_built()
         x, y, n = self._prepare(x, y)
+        sw = self._sample_weights(sample_weight, n)
         idx, w = batch_plan(n, batch_size)
-        logs = self._evaluate_placed(self.state.params, *self.programs.replicate((x, y)), idx, w)
+        if sw is not None:
+            sw = padded_weights(sw, w.shape)
+        logs = self._evaluate_placed(
+            self.inference_params, *self.programs.replicate((x, y)), idx, w, sw
+        )
         if verbose:
             print(format_logs(logs))
         return logs
 
     def predict(self, x: Any, batch_size: int = 256) -> np.ndarray:
-        """Outputs for ``x``: probabilities for classification losses, values for regression."""
+        """Outputs for ``x``: probabilities for classification losses, values for regression
+        (inference mode: deterministic; the averaged weights under ``ema=``)."""
         batch_size = self._eval_batch_size(batch_size)
         self._need_built()
         x = to_tree(x, "x")
@@ -500,7 +646,7 @@ class Trainer:
         self._check_inputs(x, "x")
         idx, _ = batch_plan(n, batch_size)
         out = self.programs.predict_chunk(
-            self.state.params, self.rest, self.programs.replicate(x),
+            self.inference_params, self.rest, self.programs.replicate(x),
             self.programs.place_indices(idx),
         )  # fmt: skip
         return to_host(out)[:n]
