@@ -25,9 +25,11 @@ from jadam._aliases import adamax as adamax
 from jadam._aliases import adamaxw as adamaxw
 from jadam._aliases import adamw as adamw
 from jadam._aliases import amsgrad as amsgrad
+from jadam._aliases import amsgradw as amsgradw
 from jadam._aliases import nadam as nadam
 from jadam._aliases import nadamw as nadamw
 from jadam._aliases import radam as radam
+from jadam._aliases import radamw as radamw
 from jadam._ema import EmaParamsState as EmaParamsState
 from jadam._ema import ema_params as ema_params
 from jadam._ema import ema_params_of as ema_params_of

@@ -3,7 +3,7 @@
 Two kinds of reference, both written without looking at ``jadam/``:
 
 1. ``numpy_trajectory``: float64 NumPy transcriptions of each algorithm family
-   (Adam/AMSGrad/AdamW, Adamax/AdamaxW, NAdam/NAdamW, RAdam), one readable
+   (Adam/AMSGrad/AdamW/AMSGradW, Adamax/AdamaxW, NAdam/NAdamW, RAdam/RAdamW), one readable
    function per family with a ``convention`` switch. They are transcribed from the
    papers and from the frameworks' own installed sources:
 
@@ -21,8 +21,9 @@ or float64, is the dtype of the run), a gradient function
 grads are lists of NumPy arrays in the run's dtype), the number of steps, and the
 hyperparameters under jadam's keyword names (``learning_rate``, ``b1``, ``b2``,
 ``eps``, ``eps_root``, ``l2``, ``weight_decay``, ``mask``, ``momentum_decay``,
-``threshold``). ``learning_rate`` and ``weight_decay`` may be schedules: callables
-of the 0-based step count, as in optax (step t = 1, 2, ... uses ``schedule(t - 1)``).
+``threshold``, ``nesterov``, ``maximize``). ``learning_rate`` and ``weight_decay``
+may be schedules: callables of the 0-based step count, as in optax (step t = 1, 2,
+... uses ``schedule(t - 1)``).
 ``mask`` is a list of booleans, one per leaf (True: the leaf is decayed).
 
 Each runner returns the trajectory: one array per leaf, of shape
@@ -45,10 +46,23 @@ import numpy as np
 GradFn = Callable[[int, list[np.ndarray]], list[np.ndarray]]
 Trajectory = list[np.ndarray]
 
-OPTIMIZERS = ("adam", "amsgrad", "adamw", "adamax", "adamaxw", "nadam", "nadamw", "radam")
+OPTIMIZERS = (
+    "adam",
+    "amsgrad",
+    "adamw",
+    "amsgradw",
+    "adamax",
+    "adamaxw",
+    "nadam",
+    "nadamw",
+    "radam",
+    "radamw",
+)
 CONVENTIONS = ("optax", "pytorch", "keras")
 # The decoupled ("w") forms: they take weight_decay and mask.
-DECOUPLED = ("adamw", "adamaxw", "nadamw")
+DECOUPLED = ("adamw", "amsgradw", "adamaxw", "nadamw", "radamw")
+# The optimizers with Nesterov momentum as an option (optax.adam(nesterov=True)).
+NESTEROV = ("adam", "adamw")
 # torch.optim.NAdam's default momentum_decay (psi); jadam's momentum_decay=None
 # means this under the pytorch convention.
 TORCH_MOMENTUM_DECAY = 0.004
@@ -72,27 +86,29 @@ def _stack(traj: list[list[np.ndarray]]) -> Trajectory:
 
 
 def _family(opt: str) -> str:
-    if opt in ("adam", "amsgrad", "adamw"):
+    if opt in ("adam", "amsgrad", "adamw", "amsgradw"):
         return "adam"
     if opt in ("adamax", "adamaxw"):
         return "adamax"
     if opt in ("nadam", "nadamw"):
         return "nadam"
-    if opt == "radam":
+    if opt in ("radam", "radamw"):
         return "radam"
     raise ValueError(f"unknown optimizer {opt!r}")
 
 
 def _hp(opt: str, hp: dict[str, Any]) -> dict[str, Any]:
     """Checks the hyperparameter names, fills the neutral values of optional ones."""
-    allowed = {"learning_rate", "b1", "b2", "eps", "eps_root", "l2"}
+    allowed = {"learning_rate", "b1", "b2", "eps", "eps_root", "l2", "maximize"}
     if opt in DECOUPLED:
         allowed |= {"weight_decay", "mask"}
         allowed -= {"l2"}  # jadam's w forms have no coupled L2.
     if opt in ("nadam", "nadamw"):
         allowed |= {"momentum_decay"}
-    if opt == "radam":
+    if opt in ("radam", "radamw"):
         allowed |= {"threshold"}
+    if opt in NESTEROV:
+        allowed |= {"nesterov"}
     if opt in ("adamax", "adamaxw"):
         allowed -= {"eps_root"}
     unknown = set(hp) - allowed
@@ -102,7 +118,14 @@ def _hp(opt: str, hp: dict[str, Any]) -> dict[str, Any]:
         if name not in hp:
             raise TypeError(f"{opt}: pass {name} explicitly (defaults differ by framework)")
     out = dict(
-        eps_root=0.0, l2=0.0, weight_decay=0.0, mask=None, momentum_decay=None, threshold=5.0
+        eps_root=0.0,
+        l2=0.0,
+        weight_decay=0.0,
+        mask=None,
+        momentum_decay=None,
+        threshold=5.0,
+        nesterov=False,
+        maximize=False,
     )
     out.update(hp)
     return out
@@ -120,6 +143,7 @@ def numpy_adam(
     *,
     convention,
     amsgrad,
+    nesterov,
     learning_rate,
     b1,
     b2,
@@ -129,14 +153,16 @@ def numpy_adam(
     weight_decay,
     mask,
 ):
-    """Adam (Kingma & Ba 2014, arXiv:1412.6980), AMSGrad (Reddi et al. 2018) and AdamW
-    (Loshchilov & Hutter 2017, arXiv:1711.05101).
+    """Adam (Kingma & Ba 2014, arXiv:1412.6980), AMSGrad (Reddi et al. 2018), AdamW
+    (Loshchilov & Hutter 2017, arXiv:1711.05101) and AMSGrad with AdamW's decay.
 
         g   <- g + l2 * p                          (coupled L2; torch Adam(weight_decay))
         m   <- b1 m + (1 - b1) g
         v   <- b2 v + (1 - b2) g^2
         optax:   v_hat = v / (1 - b2^t);  AMSGrad: v_max = max(v_max, v_hat)
                  d = m / (1 - b1^t) / (sqrt(v_hat + eps_root) + eps)
+                 nesterov (optax.adam(nesterov=True)): m / (1 - b1^t) above becomes
+                   b1 m / (1 - b1^(t+1)) + (1 - b1) g / (1 - b1^t)
                  p <- p - lr (d + wd p)
         pytorch: AMSGrad: v_max = max(v_max, v)    (raw v)
                  p <- p (1 - lr wd)
@@ -148,6 +174,8 @@ def numpy_adam(
     """
     if convention != "optax" and eps_root != 0.0:
         raise NoCounterpart(f"{convention} Adam has no eps_root")
+    if convention != "optax" and nesterov:
+        raise NoCounterpart(f"{convention} Adam has no Nesterov momentum")
     p = [np.array(x, dtype=np.float64) for x in params]
     m = [np.zeros_like(x) for x in p]
     v = [np.zeros_like(x) for x in p]
@@ -168,7 +196,11 @@ def numpy_adam(
                 if amsgrad:
                     v_max[i] = np.maximum(v_max[i], v_hat)
                     v_hat = v_max[i]
-                d = (m[i] / bc1) / (np.sqrt(v_hat + eps_root) + eps)
+                if nesterov:
+                    m_hat = b1 * m[i] / (1 - b1 ** (t + 1)) + (1 - b1) * g / bc1
+                else:
+                    m_hat = m[i] / bc1
+                d = m_hat / (np.sqrt(v_hat + eps_root) + eps)
                 p[i] = p[i] - lr * (d + wd * p[i])
             elif convention == "pytorch":
                 v_use = v[i]
@@ -309,9 +341,22 @@ def numpy_nadam(
 
 
 def numpy_radam(
-    params, grad_fn, steps, *, convention, learning_rate, b1, b2, eps, eps_root, l2, threshold
+    params,
+    grad_fn,
+    steps,
+    *,
+    convention,
+    learning_rate,
+    b1,
+    b2,
+    eps,
+    eps_root,
+    l2,
+    threshold,
+    weight_decay,
+    mask,
 ):
-    """RAdam (Liu et al. 2019, arXiv:1908.03265).
+    """RAdam (Liu et al. 2019, arXiv:1908.03265), and RAdamW (decoupled decay).
 
     g <- g + l2 p;  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
     rho_inf = 2 / (1 - b2) - 1,   rho_t = rho_inf - 2 t b2^t / (1 - b2^t)
@@ -320,7 +365,9 @@ def numpy_radam(
     optax:   if rho_t >= threshold: d = r_t m_hat / (sqrt(v / (1 - b2^t) + eps_root) + eps)
     pytorch: if rho_t >  threshold: d = r_t m_hat sqrt(1 - b2^t) / (sqrt(v) + eps)
              (eps added to the square root of the raw v)
-    otherwise d = m_hat (SGD with momentum);  p <- p - lr d
+    otherwise d = m_hat (SGD with momentum)
+    optax: p <- p - lr (d + wd p);  pytorch (RAdam(decoupled_weight_decay=True)):
+    p <- p (1 - lr wd), then p <- p - lr d.
     """
     if convention == "keras":
         raise NoCounterpart("Keras has no RAdam")
@@ -344,6 +391,7 @@ def numpy_radam(
         else:
             raise ValueError(convention)
         for i in range(len(p)):
+            wd = _at(weight_decay, t - 1) if (mask is None or mask[i]) else 0.0
             g = np.asarray(grads[i], np.float64) + l2 * p[i]
             m[i] = b1 * m[i] + (1 - b1) * g
             v[i] = b2 * v[i] + (1 - b2) * g * g
@@ -358,7 +406,11 @@ def numpy_radam(
                     d = r * m_hat * np.sqrt(bc2) / (np.sqrt(v[i]) + eps)
             else:
                 d = m_hat
-            p[i] = p[i] - lr * d
+            if convention == "optax":
+                p[i] = p[i] - lr * (d + wd * p[i])
+            else:
+                p[i] = p[i] * (1 - lr * wd)
+                p[i] = p[i] - lr * d
         traj.append([x.copy() for x in p])
     return _stack(traj)
 
@@ -371,6 +423,13 @@ def numpy_trajectory(
         raise ValueError(f"unknown convention {convention!r}")
     hp = _hp(opt, hp)
     family = _family(opt)
+    if hp["maximize"]:
+        # torch's maximize=True: the gradient is negated before everything else.
+        ascent_of = grad_fn
+
+        def grad_fn(count, params):
+            return [-np.asarray(g) for g in ascent_of(count, params)]
+
     common = dict(
         convention=convention,
         learning_rate=hp["learning_rate"],
@@ -385,7 +444,8 @@ def numpy_trajectory(
             params,
             grad_fn,
             steps,
-            amsgrad=opt == "amsgrad",
+            amsgrad=opt in ("amsgrad", "amsgradw"),
+            nesterov=hp["nesterov"],
             eps_root=hp["eps_root"],
             **common,
             **decay,
@@ -403,7 +463,13 @@ def numpy_trajectory(
             **decay,
         )
     return numpy_radam(
-        params, grad_fn, steps, eps_root=hp["eps_root"], threshold=hp["threshold"], **common
+        params,
+        grad_fn,
+        steps,
+        eps_root=hp["eps_root"],
+        threshold=hp["threshold"],
+        **common,
+        **decay,
     )
 
 
@@ -433,15 +499,25 @@ def optax_optimizer(opt: str, **hp):
     lr, b1, b2, eps = hp["learning_rate"], hp["b1"], hp["b2"], hp["eps"]
     if hp["momentum_decay"] is not None:
         raise NoCounterpart("optax's NAdam has a constant momentum (no momentum_decay)")
+    if hp["maximize"]:
+        raise NoCounterpart("optax has no maximize")
     if opt in DECOUPLED:
         mask = hp["mask"]
         wd = dict(weight_decay=hp["weight_decay"], mask=mask)
+    nesterov = dict(nesterov=True) if hp["nesterov"] else {}
     if opt == "adam":
-        tx = optax.adam(lr, b1=b1, b2=b2, eps=eps, eps_root=hp["eps_root"])
+        tx = optax.adam(lr, b1=b1, b2=b2, eps=eps, eps_root=hp["eps_root"], **nesterov)
     elif opt == "amsgrad":
         tx = optax.amsgrad(lr, b1=b1, b2=b2, eps=eps, eps_root=hp["eps_root"])
     elif opt == "adamw":
-        tx = optax.adamw(lr, b1=b1, b2=b2, eps=eps, eps_root=hp["eps_root"], **wd)
+        tx = optax.adamw(lr, b1=b1, b2=b2, eps=eps, eps_root=hp["eps_root"], **wd, **nesterov)
+    elif opt == "amsgradw":
+        # optax has no alias: its own layout, chain(direction, decay, -lr).
+        tx = optax.chain(
+            optax.scale_by_amsgrad(b1=b1, b2=b2, eps=eps, eps_root=hp["eps_root"]),
+            optax.add_decayed_weights(**wd),
+            optax.scale_by_learning_rate(lr),
+        )
     elif opt == "adamax":
         tx = optax.adamax(lr, b1=b1, b2=b2, eps=eps)
     elif opt == "adamaxw":
@@ -453,6 +529,14 @@ def optax_optimizer(opt: str, **hp):
     elif opt == "radam":
         tx = optax.radam(
             lr, b1=b1, b2=b2, eps=eps, eps_root=hp["eps_root"], threshold=hp["threshold"]
+        )
+    elif opt == "radamw":
+        tx = optax.chain(
+            optax.scale_by_radam(
+                b1=b1, b2=b2, eps=eps, eps_root=hp["eps_root"], threshold=hp["threshold"]
+            ),
+            optax.add_decayed_weights(**wd),
+            optax.scale_by_learning_rate(lr),
         )
     else:
         raise ValueError(opt)
@@ -534,8 +618,10 @@ def torch_trajectory(
     hp = _hp(opt, hp)
     if hp["eps_root"]:
         raise NoCounterpart("torch has no eps_root")
-    if opt == "radam" and hp["threshold"] != TORCH_RADAM_THRESHOLD:
+    if opt in ("radam", "radamw") and hp["threshold"] != TORCH_RADAM_THRESHOLD:
         raise NoCounterpart("torch.optim.RAdam hard-codes rho_t > 5")
+    if hp["nesterov"]:
+        raise NoCounterpart("torch.optim.Adam has no Nesterov momentum")
     dtype = _dtype_of(params)
     lr, wd = hp["learning_rate"], hp["weight_decay"]
     with _torch_default_dtype(dtype):
@@ -546,15 +632,17 @@ def torch_trajectory(
         def set_hyperparameters(count):
             for group in o.param_groups:
                 group["lr"] = _at(lr, count)
-                if opt in ("adamw", "nadamw"):
+                if opt in ("adamw", "amsgradw", "nadamw", "radamw"):
                     group["weight_decay"] = _at(wd, count) if group["decayed"] else 0.0
 
         betas = (hp["b1"], hp["b2"])
-        common = dict(lr=_at(lr, 0), betas=betas, eps=hp["eps"], foreach=False)
+        common = dict(
+            lr=_at(lr, 0), betas=betas, eps=hp["eps"], foreach=False, maximize=hp["maximize"]
+        )
         if opt in ("adam", "amsgrad"):
             o = torch.optim.Adam(groups, weight_decay=hp["l2"], amsgrad=opt == "amsgrad", **common)
-        elif opt == "adamw":
-            o = torch.optim.AdamW(groups, weight_decay=0.0, **common)
+        elif opt in ("adamw", "amsgradw"):
+            o = torch.optim.AdamW(groups, weight_decay=0.0, amsgrad=opt == "amsgradw", **common)
         elif opt == "adamax":
             o = torch.optim.Adamax(groups, weight_decay=hp["l2"], **common)
         elif opt == "adamaxw":
@@ -572,6 +660,8 @@ def torch_trajectory(
             )
         elif opt == "radam":
             o = torch.optim.RAdam(groups, weight_decay=hp["l2"], **common)
+        elif opt == "radamw":
+            o = torch.optim.RAdam(groups, weight_decay=0.0, decoupled_weight_decay=True, **common)
         else:
             raise ValueError(opt)
 
@@ -625,8 +715,12 @@ def keras_trajectory(
     """Runs ``keras.optimizers`` eagerly on ``keras.Variable``s (JAX backend)."""
     keras = _import_keras()
     hp = _hp(opt, hp)
-    if opt == "radam":
+    if opt in ("radam", "radamw"):
         raise NoCounterpart("Keras has no RAdam")
+    if hp["nesterov"]:
+        raise NoCounterpart("keras.optimizers.Adam has no Nesterov momentum")
+    if hp["maximize"]:
+        raise NoCounterpart("Keras has no maximize")
     if hp["eps_root"]:
         raise NoCounterpart("Keras has no eps_root")
     if hp["momentum_decay"] is not None and hp["momentum_decay"] != KERAS_MOMENTUM_DECAY:
@@ -647,8 +741,8 @@ def keras_trajectory(
         wd0 = _at(wd, 0) if decayed else None
         if opt in ("adam", "amsgrad"):
             o = keras.optimizers.Adam(amsgrad=opt == "amsgrad", **common)
-        elif opt == "adamw":
-            o = keras.optimizers.AdamW(weight_decay=wd0, **common)
+        elif opt in ("adamw", "amsgradw"):
+            o = keras.optimizers.AdamW(weight_decay=wd0, amsgrad=opt == "amsgradw", **common)
         elif opt in ("adamax", "adamaxw"):
             o = keras.optimizers.Adamax(weight_decay=wd0, **common)
         elif opt in ("nadam", "nadamw"):

@@ -112,11 +112,13 @@ BASE_HP = {
     "adam": ADAM_HP,
     "amsgrad": ADAM_HP,
     "adamw": ADAM_HP,
+    "amsgradw": ADAM_HP,
     "adamax": ADAMAX_HP,
     "adamaxw": ADAMAX_HP,
     "nadam": ADAM_HP,
     "nadamw": ADAM_HP,
     "radam": RADAM_HP,
+    "radamw": RADAM_HP,
 }
 WD = 0.05
 L2 = 0.05
@@ -168,12 +170,18 @@ CASES = [
     _c("adam", "optax", "eps_root", eps_root=1e-2),
     _c("adam", "optax", "l2", l2=L2),
     _c("adam", "optax", "lr_schedule", learning_rate=LR_SCHEDULE),
+    _c("adam", "optax", "nesterov", nesterov=True),
+    _c("adam", "optax", "nesterov_l2", nesterov=True, l2=L2),
+    # maximize (torch's): g <- -g before anything, the coupled L2 included.
+    _c("adam", "optax", "maximize", framework=False, maximize=True),
     _c("adam", "pytorch"),
+    _c("adam", "pytorch", "maximize_l2", maximize=True, l2=L2),
     _c("adam", "pytorch", "l2", l2=L2),
     _c("adam", "pytorch", "lr_schedule", learning_rate=LR_SCHEDULE),
     _c("adam", "keras"),
     _c("adam", "keras", "l2", l2=L2),
     _c("adam", "keras", "lr_schedule", learning_rate=LR_SCHEDULE),
+    _c("adam", "keras", "maximize", framework=False, maximize=True),
     # AMSGrad: optax takes the maximum of the bias-corrected v, torch and Keras of the
     # raw v.
     _c("amsgrad", "optax"),
@@ -181,22 +189,41 @@ CASES = [
     _c("amsgrad", "optax", "eps_root", eps_root=1e-2),
     _c("amsgrad", "pytorch"),
     _c("amsgrad", "pytorch", "l2", l2=L2),
+    _c("amsgrad", "pytorch", "maximize", maximize=True),
     _c("amsgrad", "keras"),
     # AdamW: decoupled decay, p <- p - lr (d + wd p).
     _c("adamw", "optax"),
     _c("adamw", "optax", "schedules", **SCHEDULES),
     _c("adamw", "optax", "mask", mask=MATRICES),
+    _c("adamw", "optax", "nesterov", nesterov=True),
+    _c("adamw", "optax", "nesterov_mask", nesterov=True, mask=MATRICES),
     _c("adamw", "pytorch"),
     _c("adamw", "pytorch", "schedules", **SCHEDULES),
     _c("adamw", "pytorch", "mask", mask=MATRICES),
+    _c("adamw", "pytorch", "maximize", maximize=True),
     _c("adamw", "keras"),
     _c("adamw", "keras", "schedules", **SCHEDULES),
     _c("adamw", "keras", "mask", mask=MATRICES),
+    # AMSGradW: AMSGrad's maximum (of v_hat for optax, of the raw v for torch and
+    # Keras) with AdamW's decoupled decay. optax has no alias: its runner chains
+    # scale_by_amsgrad, add_decayed_weights and scale_by_learning_rate.
+    _c("amsgradw", "optax"),
+    _c("amsgradw", "optax", "schedules", **SCHEDULES),
+    _c("amsgradw", "optax", "mask", mask=MATRICES),
+    _c("amsgradw", "optax", "maximize", framework=False, maximize=True),
+    _c("amsgradw", "pytorch"),
+    _c("amsgradw", "pytorch", "schedules", **SCHEDULES),
+    _c("amsgradw", "pytorch", "mask", mask=MATRICES),
+    _c("amsgradw", "pytorch", "maximize", maximize=True),
+    _c("amsgradw", "keras"),
+    _c("amsgradw", "keras", "schedules", **SCHEDULES),
+    _c("amsgradw", "keras", "mask", mask=MATRICES),
     # Adamax: eps inside the max (optax, torch) or added to u (Keras).
     _c("adamax", "optax"),
     _c("adamax", "optax", "l2", l2=L2),
     _c("adamax", "pytorch"),
     _c("adamax", "pytorch", "l2", l2=L2),
+    _c("adamax", "pytorch", "maximize", maximize=True),
     _c("adamax", "keras"),
     _c("adamax", "keras", "l2", l2=L2),
     # AdamaxW (torch has none: its runner applies AdamW's decay around torch's Adamax).
@@ -223,6 +250,7 @@ CASES = [
     _c("nadamw", "pytorch", "momentum_decay", momentum_decay=0.01),
     _c("nadamw", "pytorch", "schedules", **SCHEDULES),
     _c("nadamw", "pytorch", "mask", mask=MATRICES),
+    _c("nadamw", "pytorch", "maximize", maximize=True),
     _c("nadamw", "keras"),
     _c("nadamw", "keras", "schedules", **SCHEDULES),
     # RAdam: rho_t >= threshold (optax) or > 5 (torch), eps on sqrt of the raw v (torch).
@@ -236,10 +264,22 @@ CASES = [
     _c("radam", "pytorch", "l2", l2=L2),
     # torch hard-codes rho_t > 5: another threshold has no torch counterpart.
     _c("radam", "pytorch", "threshold", framework=False, threshold=7.5),
+    _c("radam", "pytorch", "maximize", maximize=True),
+    # RAdamW: RAdam with decoupled decay (torch: RAdam(decoupled_weight_decay=True);
+    # optax: chain(scale_by_radam, add_decayed_weights, scale_by_learning_rate)).
+    _c("radamw", "optax"),
+    _c("radamw", "optax", "schedules", **SCHEDULES),
+    _c("radamw", "optax", "mask", mask=MATRICES),
+    _c("radamw", "optax", "threshold", threshold=6.5),
+    _c("radamw", "pytorch"),
+    _c("radamw", "pytorch", "schedules", **SCHEDULES),
+    _c("radamw", "pytorch", "mask", mask=MATRICES),
+    _c("radamw", "pytorch", "maximize", maximize=True),
 ]
 
+NO_KERAS = ("radam", "radamw")  # Keras has no RAdam
 assert {(c.opt, c.convention) for c in CASES} == {
-    (o, c) for o in R.OPTIMIZERS for c in R.CONVENTIONS if (o, c) != ("radam", "keras")
+    (o, c) for o in R.OPTIMIZERS for c in R.CONVENTIONS if not (o in NO_KERAS and c == "keras")
 }
 assert len({c.id for c in CASES}) == len(CASES)
 
@@ -415,10 +455,11 @@ def test_jadam_matches_reference(case: Case, dtype: str):
     )
 
 
-def test_keras_radam_is_refused():
+@pytest.mark.parametrize("opt", NO_KERAS)
+def test_keras_radam_is_refused(opt):
     """Keras has no RAdam: asking for its convention is an error, not a silent guess."""
     with pytest.raises(ValueError, match="keras"):
-        jadam.radam(1e-2, b1=0.9, b2=0.999, eps=1e-8, convention="keras")
+        getattr(jadam, opt)(1e-2, b1=0.9, b2=0.999, eps=1e-8, convention="keras")
 
 
 # Which conventions differ on paper, for the base hyperparameters of each optimizer.
@@ -433,7 +474,7 @@ SAME = {
 
 def _pairs():
     for opt in R.OPTIMIZERS:
-        convs = [c for c in R.CONVENTIONS if (opt, c) != ("radam", "keras")]
+        convs = [c for c in R.CONVENTIONS if not (opt in NO_KERAS and c == "keras")]
         for i, a in enumerate(convs):
             for b in convs[i + 1 :]:
                 yield opt, a, b
@@ -474,3 +515,38 @@ def test_problem_is_well_conditioned():
         assert min(abs(r - threshold) for r in rho) > 1e-3
     g = np.concatenate([np.ravel(x) for t in range(STEPS) for x in grad_fn(t, PARAMS0)])
     assert 0.1 < np.sqrt(np.mean(g**2)) < 10
+
+
+# One term changed at a time, for the decoupled forms and the new flags: jadam's
+# float64 run of a case in the table is far from the reference of a case that differs
+# from it in that one term only, by at least 1e4 times the float64 tolerance, so the
+# float64 parity tests above would catch the change (as in test_family_parity.py).
+# The smallest is AMSGrad's maximum of the raw v (torch), which binds only in part of
+# this run: 5e-5, still 5 times the float32 tolerance.
+# (case id, what changes, the changed case)
+ONE_TERM_CHANGED = [
+    ("amsgradw-pytorch-base", "decay coupled", _c("amsgrad", "pytorch", l2=WD)),
+    ("amsgradw-pytorch-base", "no maximum", _c("adamw", "pytorch")),
+    ("amsgradw-keras-base", "decay coupled", _c("amsgrad", "keras", l2=WD)),
+    ("amsgradw-optax-base", "decay coupled", _c("amsgrad", "optax", l2=WD)),
+    ("radamw-pytorch-base", "decay coupled", _c("radam", "pytorch", l2=WD)),
+    ("radamw-optax-base", "decay coupled", _c("radam", "optax", l2=WD)),
+    ("radamw-optax-base", "no rectification", _c("radamw", "optax", threshold=float("inf"))),
+    ("adam-optax-nesterov", "nesterov off", _c("adam", "optax")),
+    ("adamw-optax-nesterov", "nesterov off", _c("adamw", "optax")),
+    ("adam-pytorch-maximize_l2", "maximize off", _c("adam", "pytorch", l2=L2)),
+]
+CASE_BY_ID = {c.id: c for c in CASES}
+
+
+@pytest.mark.parametrize(
+    ("case_id", "what", "changed"),
+    ONE_TERM_CHANGED,
+    ids=[f"{i}-{w}" for i, w, _ in ONE_TERM_CHANGED],
+)
+def test_one_changed_term_is_far(case_id: str, what: str, changed: Case):
+    dist = max(
+        float(np.max(np.abs(x - y)) / np.max(np.abs(y)))
+        for x, y in zip(jadam_run(CASE_BY_ID[case_id], "float64"), numpy_run(changed), strict=True)
+    )
+    assert dist > 1e4 * RTOL["float64"], (case_id, what, dist)

@@ -24,17 +24,45 @@ def check_alias_args(learning_rate: Any, weight_decay: Any = 0.0) -> None:
     nx.check_nonnegative("weight_decay", weight_decay)
 
 
+def negate_gradients() -> optax.GradientTransformationExtraArgs:
+    """`g -> -g`, stateless: gradient ascent."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        return jax.tree.map(jnp.negative, updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def ascent_steps(maximize: Any) -> list[optax.GradientTransformation]:
+    """The chain's first steps for `maximize` (torch's): the gradient negated before
+    everything else, coupled L2 included; none when False, so the state is unchanged."""
+    return [negate_gradients()] if nx.check_flag("maximize", maximize) else []
+
+
 def with_learning_rate(
     direction: optax.GradientTransformation,
     learning_rate: ScalarOrSchedule,
     *,
+    l2: Any = 0.0,
     weight_decay: ScalarOrSchedule = 0.0,
     mask: Any = None,
+    maximize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """`chain(direction, decoupled decay?, -learning_rate)`: the optax layout."""
+    """`chain(-g?, coupled L2?, direction, decoupled decay?, -learning_rate)`: the optax layout."""
     check_alias_args(learning_rate, weight_decay)
-    steps = [direction]
+    nx.check_nonnegative("l2", l2)
+    steps = ascent_steps(maximize)
+    if not is_python_zero(l2):
+        # Coupled L2, torch.optim.Adam(weight_decay=l2): g + l2 * p enters the moments.
+        steps.append(optax.add_decayed_weights(l2))
+    steps.append(direction)
     if not is_python_zero(weight_decay):
+        # Decoupled (Loshchilov & Hutter): -lr * (direction + wd * p).
         steps.append(optax.add_decayed_weights(weight_decay, mask))
     steps.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*steps)

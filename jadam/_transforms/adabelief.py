@@ -122,6 +122,7 @@ def adabelief(
     mask: Any = None,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    maximize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """AdaBelief (Zhuang et al., arXiv:2010.07468); `scale_by_adabelief` has the formulas.
 
@@ -133,6 +134,8 @@ def adabelief(
       b1, b2, eps, eps_root, nesterov, mu_dtype, nu_dtype: as in `scale_by_adabelief`.
       weight_decay: decoupled decay rate, >= 0, or a schedule.
       mask: which leaves to decay, as in `optax.add_decayed_weights`.
+      maximize: ascend instead of descend (torch's `maximize=True`): the gradient
+        is negated before everything else.
     """
     return with_learning_rate(
         scale_by_adabelief(
@@ -141,4 +144,5 @@ def adabelief(
         learning_rate,
         weight_decay=weight_decay,
         mask=mask,
+        maximize=maximize,
     )

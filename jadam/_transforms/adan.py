@@ -16,6 +16,7 @@ from jadam import _numerics as nx
 from jadam._storage import fold_key, leaf_keys, resolve_storage
 from jadam._transforms._common import (
     ScalarOrSchedule,
+    ascent_steps,
     check_alias_args,
     is_python_zero,
     mask_leaves,
@@ -173,6 +174,7 @@ def adan(
     proximal: bool = False,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    maximize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Adan (Xie et al., arXiv:2208.06677); `scale_by_adan` has the formulas.
 
@@ -190,12 +192,16 @@ def adan(
       weight_decay: decay rate, >= 0, or a schedule.
       mask: which leaves to decay, as in `optax.add_decayed_weights`.
       proximal: decay as the paper does (above) instead of optax's way.
+      maximize: ascend instead of descend (torch's `maximize=True`): the gradient
+        is negated before everything else.
     """
     direction = scale_by_adan(b1, b2, b3, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
     if not proximal:
-        return with_learning_rate(direction, learning_rate, weight_decay=weight_decay, mask=mask)
+        return with_learning_rate(
+            direction, learning_rate, weight_decay=weight_decay, mask=mask, maximize=maximize
+        )
     check_alias_args(learning_rate, weight_decay)
-    steps = [direction, optax.scale_by_learning_rate(learning_rate)]
+    steps = [*ascent_steps(maximize), direction, optax.scale_by_learning_rate(learning_rate)]
     if not is_python_zero(weight_decay):
         steps.append(_proximal_decay(learning_rate, weight_decay, mask))
     return optax.chain(*steps)

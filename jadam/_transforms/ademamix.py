@@ -136,6 +136,7 @@ def ademamix(
     mask: Any = None,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    maximize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """AdEMAMix (Pagliardini et al., arXiv:2409.03137); `scale_by_ademamix` has the formulas.
 
@@ -146,10 +147,13 @@ def ademamix(
       b1, b2, b3, alpha, eps, eps_root, mu_dtype, nu_dtype: as in `scale_by_ademamix`.
       weight_decay: decoupled decay rate, >= 0, or a schedule.
       mask: which leaves to decay, as in `optax.add_decayed_weights`.
+      maximize: ascend instead of descend (torch's `maximize=True`): the gradient
+        is negated before everything else.
     """
     return with_learning_rate(
         scale_by_ademamix(b1, b2, b3, alpha, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
         learning_rate,
         weight_decay=weight_decay,
         mask=mask,
+        maximize=maximize,
     )

@@ -136,6 +136,7 @@ def adopt(
     clip_value_fn: Callable[[jax.Array], jax.Array] = _quarter_power,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    maximize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """ADOPT (Taniguchi et al., arXiv:2411.02853); `scale_by_adopt` has the formulas.
 
@@ -145,6 +146,8 @@ def adopt(
       learning_rate: step size, >= 0, or an optax schedule.
       b1, b2, eps, nesterov, use_clipping, clip_value_fn, mu_dtype, nu_dtype: as in
         `scale_by_adopt`.
+      maximize: ascend instead of descend (torch's `maximize=True`): the gradient
+        is negated before everything else.
     """
     return with_learning_rate(
         scale_by_adopt(
@@ -158,4 +161,5 @@ def adopt(
             nu_dtype=nu_dtype,
         ),
         learning_rate,
+        maximize=maximize,
     )

@@ -16,6 +16,7 @@ from jadam import _numerics as nx
 from jadam._storage import leaf_keys, resolve_storage
 from jadam._transforms._common import (
     ScalarOrSchedule,
+    ascent_steps,
     check_alias_args,
     mask_leaves,
     require_params,
@@ -171,6 +172,7 @@ def lamb(
     mu_dtype: Any = None,
     nu_dtype: Any = None,
     convention: str = "optax",
+    maximize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """LAMB (You et al., arXiv:1904.00962); `scale_by_lamb` has the formulas.
 
@@ -185,9 +187,12 @@ def lamb(
       b1, b2, eps, eps_root, mu_dtype, nu_dtype, convention: as in `scale_by_lamb`.
       weight_decay: decoupled decay rate, >= 0, or a schedule.
       mask: which leaves to decay, as in `optax.add_decayed_weights`.
+      maximize: ascend instead of descend (torch's `maximize=True`): the gradient
+        is negated before everything else.
     """
     check_alias_args(learning_rate, weight_decay)
     return optax.chain(
+        *ascent_steps(maximize),
         scale_by_lamb(
             b1,
             b2,

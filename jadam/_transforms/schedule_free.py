@@ -15,6 +15,7 @@ from jadam import _numerics as nx
 from jadam._storage import leaf_keys, resolve_storage
 from jadam._transforms._common import (
     ScalarOrSchedule,
+    ascent_steps,
     check_alias_args,
     require_params,
     value_at,
@@ -53,6 +54,7 @@ def schedule_free_adamw(
     *,
     nu_dtype: Any = None,
     convention: str = "optax",
+    maximize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Schedule-free AdamW: the parameters interpolate a base sequence and its average.
 
@@ -100,6 +102,9 @@ def schedule_free_adamw(
       weight_lr_power: :math:`r` above (``"optax"`` only; None means 2).
       nu_dtype: storage of the second moment, as in `jadam.scale_by_adam`.
       convention: ``"optax"`` or ``"keras"`` (``"pytorch"``: torch has none).
+      maximize: ascend instead of descend (torch's `maximize=True`): the gradient
+        is negated before everything else (the state is then a chain's tuple, which
+        `schedule_free_eval_params` accepts).
 
     Example:
       >>> import jax.numpy as jnp, optax, jadam
@@ -112,6 +117,7 @@ def schedule_free_adamw(
       [0.9, -0.9]
     """
     check_alias_args(learning_rate, weight_decay)
+    ascent = ascent_steps(maximize)
     nx.check_decay("b1", b1)
     nx.check_decay("b2", b2)
     nx.check_nonnegative("eps", eps)
@@ -197,7 +203,8 @@ def schedule_free_adamw(
         direction, nu, z, _ = nx.map_moments(leaf, updates, keys, state.nu, state.z, params)
         return direction, ScheduleFreeAdamWState(count, state.b1, weight_sum, max_lr, z, nu)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return optax.chain(*ascent, tx) if ascent else tx
 
 
 def schedule_free_eval_params(state: Any, params: Any) -> Any:

@@ -115,6 +115,7 @@ def yogi(
     initial_accumulator_value: float = 1e-6,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
+    maximize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Yogi (Zaheer et al., NeurIPS 2018); `scale_by_yogi` has the formulas.
 
@@ -123,6 +124,8 @@ def yogi(
     Args:
       learning_rate: step size, >= 0, or an optax schedule.
       b1, b2, eps, initial_accumulator_value, mu_dtype, nu_dtype: as in `scale_by_yogi`.
+      maximize: ascend instead of descend (torch's `maximize=True`): the gradient
+        is negated before everything else.
     """
     return with_learning_rate(
         scale_by_yogi(
@@ -134,4 +137,5 @@ def yogi(
             nu_dtype=nu_dtype,
         ),
         learning_rate,
+        maximize=maximize,
     )

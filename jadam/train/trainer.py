@@ -651,6 +651,71 @@ class Trainer:
         )  # fmt: skip
         return to_host(out)[:n]
 
+    # ------------------------------------------------------------------ learning-rate finder
+
+    def find_lr(
+        self, x: Any, y: Any, *, start: float = 1e-7, end: float = 10.0, steps: int = 200,
+        batch_size: int = 32, smoothing: float = 0.98, diverge: float = 4.0,
+        optimizer: Any = None,
+    ) -> Any:  # fmt: skip
+        """The learning-rate range test: train a copy of the model for ``steps`` batches
+        of ``batch_size`` at rates growing exponentially from ``start`` to ``end``, and
+        suggest a rate (see :mod:`jadam.train.lr_finder` for the smoothing, the early stop
+        when the smoothed loss exceeds ``diverge`` times its best, and the rule).
+
+        The sweep starts from the current weights with a fresh optimizer state; this
+        trainer's parameters, optimizer state, model state, step, RNGs and history are
+        left exactly as they were (an unbuilt trainer is built first, from ``x``). A named
+        optimizer is rebuilt with the sweep as its learning rate (its other options kept);
+        for an optax object pass ``optimizer``, a function of a learning-rate schedule,
+        e.g. ``optimizer=lambda lr: optax.sgd(lr, momentum=0.9)``.
+
+        Returns an :class:`~jadam.train.lr_finder.LRFinderResult`: ``lrs``, ``losses``,
+        ``smoothed``, ``suggestion`` and ``plot(path)``.
+        """
+        from jadam.train import lr_finder
+
+        start, end, steps, smoothing, diverge = lr_finder.check_options(
+            start, end, steps, smoothing, diverge
+        )
+        batch_size = self._check_batch_size(batch_size)
+        k = self._shards()
+        if batch_size % k:
+            raise ValueError(
+                f"batch_size={batch_size} must be a multiple of the {k} devices of the mesh's "
+                f"data axis; try batch_size={max(k, batch_size // k * k)}"
+            )
+        name, options = self.optimizer_config["name"], self.optimizer_config["options"]
+        accumulation = 1
+        if optimizer is None and name is None:
+            raise ValueError(
+                "find_lr rebuilds the optimizer at other learning rates: this trainer's "
+                "optimizer is an optax object, so pass optimizer=, a function of a "
+                "learning-rate schedule (e.g. optimizer=lambda lr: optax.adam(lr))"
+            )
+        x, y, n = self._prepare(x, y)
+        if optimizer is None:
+            accumulation = int(options.get("gradient_accumulation_steps") or 1)
+            schedule = lr_finder.sweep_schedule(start, end, max(-(-steps // accumulation), 2))
+            tx = make_optimizer(name, {**options, "learning_rate": schedule})
+        else:
+            if not callable(optimizer):
+                raise TypeError(
+                    "optimizer must be a function of a learning-rate schedule returning an "
+                    f"optax GradientTransformation, got {type(optimizer).__name__}"
+                )
+            schedule = lr_finder.sweep_schedule(start, end, steps)
+            tx = optimizer(schedule)
+            if not isinstance(tx, optax.GradientTransformation):
+                raise TypeError(
+                    "optimizer(schedule) must return an optax GradientTransformation, got "
+                    f"{type(tx).__name__}"
+                )
+        return lr_finder.run_sweep(
+            self, x, y, n, tx=tx, schedule=schedule, steps=steps, batch_size=batch_size,
+            smoothing=smoothing, diverge=diverge, seed=self.seed, accumulation=accumulation,
+        )  # fmt: skip
+
     # ------------------------------------------------------------------ summary
 
     def summary(self, print_fn=print) -> str:
