@@ -62,7 +62,15 @@ def _parser() -> argparse.ArgumentParser:
         help="hidden layer sizes, comma-separated (the output layer is added)",
     )
     t.add_argument("--activation", default="relu")
-    t.add_argument("--optimizer", default="adam", help="adam, adamw, nadam, radam, adamax, amsgrad")
+    optimizers = (
+        "adam", "adamw", "amsgrad", "amsgradw", "adamax", "adamaxw", "nadam", "nadamw",
+        "radam", "radamw", "adabelief", "lamb", "yogi", "adan", "adopt", "ademamix",
+        "schedule_free_adamw",
+    )  # fmt: skip
+    t.add_argument(
+        "--optimizer", default="adam", choices=optimizers, metavar="NAME",
+        help="one of " + ", ".join(optimizers),
+    )  # fmt: skip
     t.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     t.add_argument("--b1", type=float, default=None)
     t.add_argument("--b2", type=float, default=None)

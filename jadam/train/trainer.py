@@ -50,6 +50,15 @@ OPTIMIZERS = {
     "amsgrad": "amsgrad",
     "nadamw": "nadamw",
     "adamaxw": "adamaxw",
+    "radamw": "radamw",
+    "amsgradw": "amsgradw",
+    "adabelief": "adabelief",
+    "lamb": "lamb",
+    "yogi": "yogi",
+    "adan": "adan",
+    "adopt": "adopt",
+    "ademamix": "ademamix",
+    "schedule_free_adamw": "schedule_free_adamw",
 }
 
 
