@@ -147,7 +147,38 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run")
     r.add_argument("--input", required=True, help="CSV with the training feature columns")
     r.add_argument("--output", default=None, help="CSV to write (default: stdout)")
+    _add_find_lr(sub, t)
     return p  # fmt: skip
+
+
+# The options `jadam find-lr` shares with `jadam train` (the same data, model and
+# optimizer); the train parser's own definitions are reused, so they cannot drift.
+_FIND_LR_SHARED = (
+    "data", "target", "task", "layers", "activation", "optimizer", "b1", "b2", "eps",
+    "weight_decay", "moments", "l2", "batch_size", "seed", "val_fraction", "test_fraction",
+)  # fmt: skip
+
+
+def _add_find_lr(sub, train: argparse.ArgumentParser) -> None:
+    f = sub.add_parser(
+        "find-lr",
+        help="the learning-rate range test: suggest a learning rate, plot loss against rate",
+        description="Train a copy of the model for --steps batches at rates growing "
+        "exponentially from --start to --end (stopping once the smoothed loss exceeds 4x "
+        "its best), print the suggested rate (the steepest descent of the smoothed loss) "
+        "and write the plot. Data, model and optimizer options are those of jadam train.",
+    )
+    for action in train._actions:
+        if action.dest in _FIND_LR_SHARED:
+            f._add_action(action)
+    f.add_argument("--start", type=float, default=1e-7, help="first learning rate")
+    f.add_argument("--end", type=float, default=10.0, help="last learning rate")
+    f.add_argument("--steps", type=int, default=200, help="batches in the sweep")
+    f.add_argument("--smoothing", type=float, default=0.98, help="of the loss's moving average")
+    f.add_argument("--plot", default="lr_finder.png", help="PNG to write (loss against rate)")
+    # Every other train option at its default, for the helpers shared with `_train`.
+    own = {a.dest for a in f._actions}
+    f.set_defaults(**{a.dest: a.default for a in train._actions if a.dest not in own})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         _join_processes(parser, args)  # first: before anything touches a device
     try:
-        return {"train": _train, "evaluate": _evaluate, "predict": _predict}[args.command](args)
+        commands = {"train": _train, "evaluate": _evaluate, "predict": _predict,
+                    "find-lr": _find_lr}  # fmt: skip
+        return commands[args.command](args)
     except (OSError, ValueError) as e:
         # Bad input, a damaged run folder (CheckpointError is a ValueError), a file that
         # cannot be read or written: one line. Anything else is a bug: its traceback.
@@ -355,6 +388,60 @@ def _train(args) -> int:
     replace_dir(out, write, "run folder")  # checks again: replaces only a run folder
     print("test " + " - test ".join(f"{k}: {v:.4f}" for k, v in test.items()))
     print(f"run folder: {out}")
+    return 0
+
+
+def _find_lr(args) -> int:
+    from jadam.train import datasets
+    from jadam.train.models import MLP
+    from jadam.train.trainer import Trainer
+
+    try:
+        hidden = [int(s) for s in args.layers.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(
+            f"--layers must be comma-separated integers, got {args.layers!r}"
+        ) from None
+    if any(h < 1 for h in hidden):
+        raise ValueError(f"--layers sizes must be >= 1, got {args.layers!r}")
+    if not args.plot.lower().endswith(".png"):
+        raise ValueError(f"--plot {args.plot} must name a .png file")
+    _check_output(args.plot, "--plot")  # before the work, not after it
+    ds = datasets.load(
+        args.data, target=args.target, seed=args.seed,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, task=args.task,
+    )  # fmt: skip
+    model = MLP(features=(*hidden, ds.n_outputs), activation=args.activation)
+    trainer = Trainer(
+        model, args.optimizer, loss=ds.loss, metrics=ds.metrics,
+        optimizer_options=_optimizer_options(args), l2=args.l2, seed=args.seed,
+    )  # fmt: skip
+    res = trainer.find_lr(
+        ds.x_train, ds.y_train, start=args.start, end=args.end, steps=args.steps,
+        batch_size=args.batch_size, smoothing=args.smoothing,
+    )  # fmt: skip
+    tmp = os.path.join(
+        os.path.dirname(os.path.abspath(args.plot)),
+        f".{os.path.basename(args.plot)}.{os.getpid()}.tmp",
+    )
+    try:  # whole or not at all
+        res.plot(tmp)
+        os.replace(tmp, args.plot)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+    stop = "stopped when the loss diverged" if res.diverged else "did not diverge"
+    print(
+        f"jadam find-lr: {ds.name}, MLP {list(model.features)} {args.activation}, "
+        f"{args.optimizer}, batch {args.batch_size}: {len(res.lrs)} steps from "
+        f"{res.lrs[0]:.3g} to {res.lrs[-1]:.3g} ({stop})"
+    )
+    how = "steepest descent of the smoothed loss" if res.rule == "steepest" else (
+        "a tenth of the rate of the lowest loss"
+    )  # fmt: skip
+    print(f"suggested learning rate: {res.suggestion:.3g} ({how}; "
+          f"lowest loss / 10: {res.min_div_10:.3g})")  # fmt: skip
+    print(f"plot: {args.plot}")
     return 0
 
 
@@ -562,12 +649,12 @@ def _predict(args) -> int:
     return 0
 
 
-def _check_output(path: str) -> None:
+def _check_output(path: str, flag: str = "--output") -> None:
     if os.path.isdir(path):
-        raise ValueError(f"--output {path} is a folder: give a file name")
+        raise ValueError(f"{flag} {path} is a folder: give a file name")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise ValueError(f"--output {path}: folder {parent} does not exist")
+        raise ValueError(f"{flag} {path}: folder {parent} does not exist")
 
 
 def _write_csv(path: str, header: list, rows: list) -> None:
