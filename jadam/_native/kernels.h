@@ -18,6 +18,11 @@
 #include <sched.h>
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512BW__)
+#include <immintrin.h>
+#define JADAM_AVX2_CODES 1  // AVX2 without AVX-512: encode_block's intrinsics
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -114,6 +119,7 @@ template <int EMAX, bool SIGNED>
 struct Code {
   static constexpr int M = 3, SHIFT = 23 - M;
   static constexpr int32_t OFFSET = (127 - EMAX) << M;
+  static constexpr bool SIGNED_CODE = SIGNED;
   static constexpr uint32_t MAX_CODE = SIGNED ? 127 : 255;
   // jadam._quantize.Minifloat.nan_code: a negative zero, never written for a number.
   static constexpr uint32_t NAN_CODE = 0x80;
@@ -141,20 +147,83 @@ struct Code {
   // y in [-top, top]: round to nearest (ties of the normal range away from zero, of the
   // subnormal range to even, as the JAX path does). NaN and +-inf: the signed map's
   // reserved NAN_CODE; the unsigned map's largest code.
+  //
+  // |y| is compared as a bit pattern (monotonic for non-negative floats, NaN above inf)
+  // and the two ranges are merged with a mask: GCC sinks a float addition into the arm of
+  // a select that uses it, then will not speculate it (it may trap) without AVX-512's
+  // masked instructions, and the whole loop stayed scalar on AVX2.
   static inline uint8_t encode(float y) {
     float mag = std::fabs(y);  // nu's y is >= 0
-    uint32_t normal = ((bits_of(mag) + (1u << (SHIFT - 1))) >> SHIFT) - uint32_t(OFFSET);
+    uint32_t mbits = bits_of(mag);
+    uint32_t normal = ((mbits + (1u << (SHIFT - 1))) >> SHIFT) - uint32_t(OFFSET);
     uint32_t sub = bits_of(mag + MAGIC) - bits_of(MAGIC);
-    uint32_t code = std::min(mag < SMALLEST_NORMAL ? sub : normal, MAX_CODE);
+    uint32_t is_sub = 0u - uint32_t(mbits < bits_of(SMALLEST_NORMAL));
+    uint32_t code = std::min((sub & is_sub) | (normal & ~is_sub), MAX_CODE);
     if (SIGNED) {
       code |= (bits_of(y) >> 24) & 0x80u & (0u - uint32_t(code > 0));
-      return uint8_t(mag <= kFloatMax ? code : NAN_CODE);  // false for NaN and inf
+      uint32_t finite = 0u - uint32_t(mbits <= bits_of(kFloatMax));  // 0 for NaN and inf
+      return uint8_t((code & finite) | (NAN_CODE & ~finite));
     }
-    return uint8_t(std::max(code, mag > 0.0f ? 1u : 0u));  // nu > 0 never decodes to 0
+    // nu > 0 never decodes to 0 (NaN's bits are nonzero too, and its code is already 255).
+    return uint8_t(std::max(code, mbits != 0 ? 1u : 0u));
   }
 };
 using MuCode = Code<15, true>;
 using NuCode = Code<31, false>;
+
+#if JADAM_AVX2_CODES
+// Code<...>::encode on 8 lanes, as 32-bit codes. GCC vectorizes the scalar encode on AVX2
+// too, but packs every lane's result to a byte with long shuffle chains; here four such
+// vectors are packed at once (encode_block), and the selects are single blends.
+template <class C>
+inline __m256i encode8(__m256 y) {
+  const __m256i yb = _mm256_castps_si256(y);
+  const __m256i mbits = _mm256_and_si256(yb, _mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 mag = _mm256_castsi256_ps(mbits);
+  const __m256i normal = _mm256_sub_epi32(
+      _mm256_srli_epi32(_mm256_add_epi32(mbits, _mm256_set1_epi32(1 << (C::SHIFT - 1))),
+                        C::SHIFT),
+      _mm256_set1_epi32(C::OFFSET));
+  const __m256i sub =
+      _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(mag, _mm256_set1_ps(C::MAGIC))),
+                       _mm256_set1_epi32(int32_t(bits_of(C::MAGIC))));
+  // mbits is non-negative as an int32 (NaN above inf), so signed comparisons order it.
+  const __m256i is_sub =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(bits_of(C::SMALLEST_NORMAL))), mbits);
+  __m256i code = _mm256_blendv_epi8(normal, sub, is_sub);
+  code = _mm256_min_epu32(code, _mm256_set1_epi32(int32_t(C::MAX_CODE)));
+  if (C::SIGNED_CODE) {
+    const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(yb, 24), _mm256_set1_epi32(0x80));
+    code = _mm256_or_si256(
+        code, _mm256_and_si256(sign, _mm256_cmpgt_epi32(code, _mm256_setzero_si256())));
+    const __m256i finite = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(0x7F800000)), mbits);
+    return _mm256_blendv_epi8(_mm256_set1_epi32(int32_t(C::NAN_CODE)), code, finite);
+  }
+  const __m256i nonzero = _mm256_cmpgt_epi32(mbits, _mm256_setzero_si256());
+  return _mm256_max_epu32(code, _mm256_and_si256(nonzero, _mm256_set1_epi32(1)));
+}
+#endif
+
+// codes[i] = C::encode(x[i] * inv) for i < len.
+template <class C>
+inline void encode_block(const float* x, float inv, uint8_t* codes, int64_t len) {
+  int64_t i = 0;
+#if JADAM_AVX2_CODES
+  const __m256 s = _mm256_set1_ps(inv);
+  // The byte packs work within 128-bit halves; this puts the 32 codes back in order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (; i + 32 <= len; i += 32) {
+    __m256i c[4];
+    for (int k = 0; k < 4; ++k)
+      c[k] = encode8<C>(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * k), s));
+    const __m256i lo = _mm256_packus_epi32(c[0], c[1]), hi = _mm256_packus_epi32(c[2], c[3]);
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(lo, hi), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i), bytes);
+  }
+#endif
+#pragma omp simd
+  for (int64_t j = i; j < len; ++j) codes[j] = C::encode(x[j] * inv);
+}
 
 // One block of `len` entries (pointers at its start): decode and update both moments from
 // g, store the block maxima as the new scales, re-encode, and call `step(i, m_i, v_i)` with
@@ -192,12 +261,19 @@ inline void q8_block_update(const float* g, uint8_t* mc, float& ms, uint8_t* vc,
   ms = float_of(am) / h.top;
   vs = float_of(av) / h.top;
   const float inv_m = block_inverse(ms), inv_v = block_inverse(vs);
+#if JADAM_AVX2_CODES
+  encode_block<MuCode>(m, inv_m, mc, len);
+  encode_block<NuCode>(v, inv_v, vc, len);
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) step(i, m[i], v[i]);
+#else  // one loop: with AVX-512 (or without AVX2) the compiler vectorizes it whole
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
     mc[i] = MuCode::encode(m[i] * inv_m);
     vc[i] = NuCode::encode(v[i] * inv_v);
     step(i, m[i], v[i]);
   }
+#endif
 }
 
 #endif  // JADAM_NATIVE_KERNELS_H_
