@@ -803,3 +803,47 @@ class Trainer:
         """
         self._need_built()
         export_trainer(self, os.fspath(path), platforms, dict(metadata or {}))
+
+    # ------------------------------------------------------------------ weights
+
+    def save_weights(self, path: str | os.PathLike) -> None:
+        """Write the parameters to a safetensors file (no pickle; any safetensors reader
+        opens it) under flat names such as ``"Dense_0/kernel"``; see
+        :mod:`jadam.train.weights`. Written to a temporary sibling, then renamed: an
+        interrupted save leaves the previous file. Only a regular file is replaced."""
+        from jadam.train import weights
+
+        self._need_built()
+        weights.save_weights(to_host(self.state.params), path)
+
+    def load_weights(self, path: str | os.PathLike, source: str = "jadam") -> None:
+        """Set the parameters from a safetensors file; the optimizer state is kept.
+
+        ``source="jadam"``: a file from ``save_weights`` (every name and shape must
+        match). ``source="torch"``: the ``state_dict`` of a PyTorch ``nn.Sequential`` of
+        ``nn.Linear`` layers saved with ``safetensors.torch.save_file``, mapped in order
+        onto the model's Dense layers, weights transposed. A mismatch is a ValueError
+        naming the first layer that does not fit; a damaged or hostile file a
+        ``CheckpointError`` naming it (the header is validated before anything is read).
+        """
+        from jadam.train import weights
+
+        self._need_built()
+        self.set_params(weights.load_weights(to_host(self.state.params), path, source))
+
+    def get_weights(self) -> list[np.ndarray]:
+        """The Dense layers' weights as Keras lists them: ``[kernel_0, bias_0, ...]``."""
+        from jadam.train import weights
+
+        self._need_built()
+        return weights.params_to_list(to_host(self.state.params))
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        """Set the Dense layers' weights from a Keras-ordered list ``[kernel_0, bias_0,
+        kernel_1, ...]`` (kernels ``(in, out)``), e.g. ``keras_model.get_weights()`` of
+        the matching Keras MLP; the optimizer state is kept. A mismatch is a ValueError
+        naming the first layer that does not fit."""
+        from jadam.train import weights as w
+
+        self._need_built()
+        self.set_params(w.list_to_params(weights, to_host(self.state.params)))
