@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -34,6 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from _machine import describe  # noqa: E402
 
 import jadam  # noqa: E402
 
@@ -254,11 +254,7 @@ def main():
     q = args.quick
     import torch
 
-    print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-        f"({args.torch_threads} thread(s))"
-    )
+    print(describe(f"torch {torch.__version__} ({args.torch_threads} thread(s))"))
     t_jax, t_np = shuffle_cost()
     print(f"# shuffle of 100k indices: jax.random.permutation {t_jax:.1f} ms, NumPy {t_np:.2f} ms")
     ceil_before = ceiling_gflops()

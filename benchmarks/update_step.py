@@ -1,5 +1,6 @@
 # python benchmarks/update_step.py                      # all three cases, ~10 min on 2 cores
 # python benchmarks/update_step.py --cases large --reps 5  # a quick look
+# python benchmarks/update_step.py --arch x86-64-v3        # the AVX2 kernels, on any x86-64
 """Time one Adam update-and-apply step: jadam vs optax vs torch vs the memory roofline.
 
 Cases: (a) `large`: one leaf of 2**24 float32 parameters; (b) `tree`: a
@@ -11,7 +12,14 @@ streaming kernels moving the same 28 bytes per parameter in place (`x + 1`
 jitted and donated in XLA, `x.add_(1)` in torch).
 
 Rows "N steps in a scan" run N steps inside one jitted `lax.scan`, as
-`Trainer.fit` does, and report the time per step.
+`Trainer.fit` does, and report the time per step. Rows marked "JAX path" are
+compiled with the native kernels switched off (what a GPU or TPU runs, and
+`JADAM_NATIVE=0` on the CPU), in the same run as the rest.
+
+`--arch` (or `JADAM_NATIVE_ARCH`) builds the native kernels for an x86-64
+level: `x86-64-v3` times the AVX2 code on an AVX-512 machine, `x86-64-v4` the
+AVX-512 code. The first lines printed name the CPU, the level, the backend and
+the versions; the last, the ratios that the performance targets are stated in.
 
 All JAX steps are jitted with the parameters and the state donated (without
 donation each step page-faults fresh buffers: 3x slower, FACTS.md). The
@@ -26,9 +34,9 @@ loop steps one optimizer back to back.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
-import platform
 import statistics
 import time
 
@@ -36,8 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _machine import describe, set_arch
 
 import jadam
+from jadam._native import loader
 
 BYTES_PER_PARAM = 28  # p, g, m, v read + p, m, v written, float32
 
@@ -203,6 +213,28 @@ def torch_roofline_step(n_params: int):
     return run, 0.0
 
 
+@contextlib.contextmanager
+def kernels_off():
+    """Trace and compile with the native kernels switched off (the plain-JAX path)."""
+    saved = dict(loader.loaded)
+    loader.loaded.update(dict.fromkeys(loader.KERNELS, False))
+    try:
+        yield
+    finally:
+        loader.loaded.clear()
+        loader.loaded.update(saved)
+
+
+def jax_path(build):
+    """`build`, compiled on the plain-JAX path."""
+
+    def run():
+        with kernels_off():
+            return build()
+
+    return run
+
+
 def contenders(case: str, params, grads, scan: int):
     lr = 1e-3
     bf16 = jadam.StochasticRounding("bfloat16")
@@ -239,12 +271,41 @@ def contenders(case: str, params, grads, scan: int):
                 *jax_scan_steps(tx, params, grads, scan),
                 scan,
             )
+        for name in ("bf16 state", "q8 state"):
+            tx = jadam.adam(lr, **storages[name])
+            out[f"jadam {name}, JAX path, {scan} steps in a scan"] = jax_path(
+                lambda tx=tx: (*jax_scan_steps(tx, params, grads, scan), scan)
+            )
     native = "" if jadam.packed_native_available() else " (no compiler: JAX fallback)"
     out[f"jadam.packed_adam{native}"] = lambda: packed_step(params, grads)
     out[f"jadam.packed_adam, q8 moments{native}"] = lambda: packed_step(params, grads, "q8")
     out["torch foreach"] = lambda: torch_step(params, grads, foreach=True)
     out["torch fused"] = lambda: torch_step(params, grads, fused=True)
     return out
+
+
+# The ratios the performance targets are stated in: (numerator, denominator, target).
+TARGETS = [
+    ("jadam q8 state, {scan} steps in a scan", "jadam f32, {scan} steps in a scan", "<= 1.30"),
+    ("jadam bf16 state, {scan} steps in a scan", "jadam f32, {scan} steps in a scan", "<= 1.15"),
+    ("jadam q8 state, JAX path, {scan} steps in a scan", "jadam f32, {scan} steps in a scan",
+     "<= 2.00"),
+    ("jadam bf16 state, JAX path, {scan} steps in a scan", "jadam f32, {scan} steps in a scan",
+     ""),
+    ("jadam.packed_adam, q8 moments", "jadam.packed_adam", "<= 1.25"),
+    ("optax.adam", "jadam f32, flat params", ">= 1.00 (tree), >= 5.00 (many)"),
+]  # fmt: skip
+
+
+def print_targets(ms: dict[str, float], scan: int) -> None:
+    rows = []
+    for num, den, target in TARGETS:
+        num, den = num.format(scan=scan), den.format(scan=scan)
+        if num in ms and den in ms:
+            rows.append(f"| {num} / {den} | {ms[num] / ms[den]:.2f} | {target} |")
+    if rows:
+        print("\n| ratio (times) | measured | target |\n|---|---|---|")
+        print("\n".join(rows))
 
 
 def main():
@@ -255,21 +316,29 @@ def main():
     parser.add_argument(
         "--scan", type=int, default=8, help="steps per call of the lax.scan rows (0: none)"
     )
+    parser.add_argument(
+        "--arch",
+        choices=loader.ARCH_LEVELS,
+        help="build the native kernels for this x86-64 level (default: JADAM_NATIVE_ARCH, "
+        "else native); x86-64-v3 times the AVX2 code on an AVX-512 machine",
+    )
+    parser.add_argument(
+        "--only", nargs="+", help="run only the contenders whose names contain one of these"
+    )
     args = parser.parse_args()
+    set_arch(args.arch)
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"jax {jax.__version__} on {jax.devices()[0].platform}, optax {optax.__version__}, "
-        f"torch {torch.__version__}"
-    )
+    print(describe(f"torch {torch.__version__}, {torch.get_num_threads()} threads"))
     for case in args.cases:
         params = make_tree(case)
         grads = {k: np.full_like(v, 1e-3) + 0.01 * v for k, v in params.items()}
         n = sum(p.size for p in params.values())
         runs, compile_s, steps = {}, {}, {}
         for name, build in contenders(case, params, grads, args.scan).items():
+            if args.only and not any(x in name for x in args.only) and "roofline" not in name:
+                continue
             runs[name], compile_s[name], *per_call = build()
             steps[name] = per_call[0] if per_call else 1
         times = {name: [] for name in runs}
@@ -282,20 +351,21 @@ def main():
                     times[name].append(time.perf_counter() - start)
         ms = {name: 1e3 * statistics.median(t) / steps[name] for name, t in times.items()}
         print(f"\n## {case}: {len(params)} leaves, {n:,} parameters, {args.reps} reps")
-        peers = ["optax.adam", "torch foreach", "torch fused"]
-        header = "| step | ms/step | GB/s @28B | of roofline | " + " | ".join(
-            f"x {p}" for p in peers
+        peers = [p for p in ("optax.adam", "torch foreach", "torch fused") if p in ms]
+        header = "| step | ms/step | GB/s @28B | of roofline |" + "".join(
+            f" x {p} |" for p in peers
         )
-        print(header + " | compile s |")
-        print("|" + "---|" * (header.count("|") + 1))
+        print(header + " compile s |")
+        print("|" + "---|" * header.count("|"))
         roofline = min(ms["roofline (XLA)"], ms["roofline (torch)"])
         for name in runs:
             gbs = n * BYTES_PER_PARAM / (ms[name] * 1e-3) / 1e9
-            ratios = " | ".join(f"{ms[p] / ms[name]:.2f}" for p in peers)
+            ratios = "".join(f" {ms[p] / ms[name]:.2f} |" for p in peers)
             print(
-                f"| {name} | {ms[name]:.2f} | {gbs:.1f} | {roofline / ms[name]:.0%} | "
-                f"{ratios} | {compile_s[name]:.2f} |"
+                f"| {name} | {ms[name]:.2f} | {gbs:.1f} | {roofline / ms[name]:.0%} |"
+                f"{ratios} {compile_s[name]:.2f} |"
             )
+        print_targets(ms, args.scan)
         del runs
 
 
