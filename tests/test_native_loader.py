@@ -311,6 +311,7 @@ def test_compiler_error_text_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(loader, "loaded", {})
     monkeypatch.setattr(loader, "errors", {})
+    monkeypatch.setattr(loader, "libraries", {})  # concat may be loaded by an earlier test
     with pytest.raises(loader.NativeError, match="undeclared_name"):
         loader.build(["concat"])
     status = loader.status()["concat"]
