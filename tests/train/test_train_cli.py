@@ -94,7 +94,7 @@ def test_cli_options_and_a_csv_file(tmp_path, capsys):
     [
         (["train", "--data", "nope"], "unknown dataset"),
         (["train", "--layers", "a,b"], "--layers"),
-        (["train", "--optimizer", "sgdx"], "unknown optimizer"),
+        (["train", "--optimizer", "sgdx"], "invalid choice"),  # argparse lists the names
         (["train", "--batch-size", "0"], "batch_size"),
         (["evaluate", "missing_run"], "not a jadam run folder"),
     ],
