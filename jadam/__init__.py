@@ -96,14 +96,20 @@ from jadam._transforms.yogi import yogi as yogi
 # The trainer's names, imported on first use (PEP 562) so that an optax user who
 # wants `jadam.adam` does not pay for Flax, orbax, scikit-learn or matplotlib.
 _LAZY = {
+    "CSVLogger": "jadam.train.callbacks",
     "Callback": "jadam.train.callbacks",
     "CheckpointError": "jadam.train.checkpoint",
     "Combine": "jadam.train.models",
     "EarlyStopping": "jadam.train.callbacks",
     "ExportedModel": "jadam.train.export",
     "History": "jadam.train.history",
+    "LearningRateScheduler": "jadam.train.callbacks",
     "MLP": "jadam.train.models",
     "ModelCheckpoint": "jadam.train.callbacks",
+    "ReduceLROnPlateau": "jadam.train.callbacks",
+    "Schedule": "jadam.train.schedules",
+    "TensorBoard": "jadam.train.callbacks",
+    "TerminateOnNaN": "jadam.train.callbacks",
     "Trainer": "jadam.train.trainer",
     "datasets": "jadam.train",
     "load_exported": "jadam.train.export",

@@ -5,6 +5,8 @@
     jadam train --data digits --layers 64 --epochs 30 --out runs/digits
     jadam train --data my.csv --target label --optimizer adamw --lr 3e-3 --weight-decay 1e-4
     jadam train --data digits --moments q8       # Adam's moments in 8 bits (bf16: 16 bits)
+    jadam train --lr-schedule warmup-cosine --lr-schedule-options '{"warmup_steps": 50}' \
+        --global-clipnorm 1.0 --gradient-accumulation-steps 4
     jadam evaluate runs/digits                   # the run's own test split
     jadam evaluate runs/mine --data other.csv    # a file with the same columns
     jadam predict runs/mine --input new.csv --output predictions.csv
@@ -85,6 +87,25 @@ def _parser() -> argparse.ArgumentParser:
         "4,096 entries stay float32)",
     )
     t.add_argument("--l2", type=float, default=0.0, help="L2 penalty on kernels, in the loss")
+    c = t.add_argument_group("training controls")
+    c.add_argument("--clipnorm", type=float, default=None, help="clip each gradient leaf's norm")
+    c.add_argument("--global-clipnorm", type=float, default=None, help="clip the global norm")
+    c.add_argument(
+        "--gradient-accumulation-steps", type=int, default=None, metavar="N",
+        help="average the gradients of N batches per update",
+    )  # fmt: skip
+    c.add_argument(
+        "--lr-schedule", default=None,
+        choices=("constant", "cosine", "warmup-cosine", "exponential", "piecewise"),
+        help="learning-rate schedule from --lr (warmup-cosine: peaks at --lr) over the run's "
+        "updates; the step counts in --lr-schedule-options",
+    )  # fmt: skip
+    c.add_argument(
+        "--lr-schedule-options", default=None, metavar="JSON",
+        help="the schedule's optax options, e.g. '{\"warmup_steps\": 100}' (warmup-cosine), "
+        "'{\"decay_rate\": 0.5}' (exponential), '{\"boundaries_and_scales\": {\"500\": 0.1}}' "
+        "(piecewise); decay_steps / transition_steps default to the run's length",
+    )  # fmt: skip
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--epochs", type=int, default=50)
     t.add_argument("--seed", type=int, default=0)
@@ -295,6 +316,34 @@ def _optimizer_options(args) -> dict:
     return opts
 
 
+def _training_controls(args, n_train: int) -> dict:
+    """Clipping, accumulation and the learning-rate schedule, as optimizer options."""
+    opts = {}
+    for name in ("clipnorm", "global_clipnorm", "gradient_accumulation_steps"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    if args.lr_schedule_options is not None and args.lr_schedule is None:
+        raise ValueError("--lr-schedule-options needs --lr-schedule")
+    if args.lr_schedule is not None:
+        from jadam.train.schedules import run_schedule
+
+        extra = {}
+        if args.lr_schedule_options is not None:
+            try:
+                extra = json.loads(args.lr_schedule_options)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--lr-schedule-options is not valid JSON: {e}") from None
+            if not isinstance(extra, dict):
+                raise ValueError("--lr-schedule-options must be a JSON object {...}")
+        per_epoch = -(-n_train // max(args.batch_size, 1))
+        updates = per_epoch * max(args.epochs, 0) // (args.gradient_accumulation_steps or 1)
+        try:
+            opts["learning_rate"] = run_schedule(args.lr_schedule, args.lr, updates, extra)
+        except ValueError as e:
+            raise ValueError(f"--lr-schedule {args.lr_schedule}: {e}") from None
+    return opts
+
+
 def _train(args) -> int:
     import jax
 
@@ -337,9 +386,10 @@ def _train(args) -> int:
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, task=args.task,
     )  # fmt: skip
     model = MLP(features=(*hidden, ds.n_outputs), activation=args.activation)
+    options = {**_optimizer_options(args), **_training_controls(args, len(ds.x_train))}
     trainer = Trainer(
         model, args.optimizer, loss=ds.loss, metrics=ds.metrics,
-        optimizer_options=_optimizer_options(args), l2=args.l2, seed=args.seed,
+        optimizer_options=options, l2=args.l2, seed=args.seed,
         mesh=mesh, zero1=args.zero1,
     )  # fmt: skip
     validation = (ds.x_val, ds.y_val) if len(ds.x_val) else None

@@ -8,7 +8,8 @@ import os
 
 
 class History:
-    """``history`` maps ``"loss"``, each metric and their ``"val_"`` forms to lists."""
+    """``history`` maps ``"loss"``, each metric and their ``"val_"`` forms to lists, and
+    ``"lr"`` to the learning rate at each epoch's end (for an optimizer given by name)."""
 
     def __init__(
         self, history: dict[str, list[float]] | None = None, epoch: list[int] | None = None
@@ -59,6 +60,8 @@ class History:
             ax.plot(epochs, self.history[name], label=name)
             if "val_" + name in self.history:
                 ax.plot(epochs, self.history["val_" + name], label="val_" + name)
+            if name == "lr" and min(self.history[name], default=0) > 0:
+                ax.set_yscale("log")  # rates span decades (schedules, reductions)
             ax.set_xlabel("epoch")
             ax.set_title(name)
             ax.grid(alpha=0.3)

@@ -1,9 +1,10 @@
 """Optimizer options as JSON, for checkpoints: `encode_options` and `decode_options`.
 
-Numbers, strings, booleans and dicts of them stay as they are; dtypes and jadam's
-moment storages (`StochasticRounding`, `Quantized`) become tagged dicts that
-`decode_options` rebuilds; anything else (a schedule, a mask function) is recorded by
-type only, and loading then asks for the optimizer.
+Numbers, strings, booleans and dicts of them stay as they are; dtypes, jadam's
+moment storages (`StochasticRounding`, `Quantized`) and learning-rate schedules by
+name (`jadam.Schedule`) become tagged dicts that `decode_options` rebuilds; anything
+else (an optax schedule function, a mask function) is recorded by type only, and
+loading then asks for the optimizer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jadam
+from jadam.train.schedules import Schedule
 
 _TAG = "__jadam__"  # marks an option value that JSON has no type for
 MAX_DEPTH = 8  # nesting of option dicts read from a file
@@ -35,6 +37,8 @@ def _encode(value: Any) -> Any:
         return value.item()
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, Schedule):
+        return {_TAG: "Schedule", **value.to_json()}
     if isinstance(value, jadam.StochasticRounding):
         dtype = jnp.dtype(value.dtype).name
         return {_TAG: "StochasticRounding", "dtype": dtype, "seed": value.seed}
@@ -69,6 +73,10 @@ def decode_options(options: Any, name: str, where: str) -> dict:
                 return jnp.dtype(fields["name"]).name
             if tag in ("StochasticRounding", "Quantized"):
                 return getattr(jadam, tag)(**fields)
+            if tag == "Schedule":
+                if not isinstance(fields["name"], str) or not isinstance(fields["options"], dict):
+                    raise ValueError("name must be a string and options a JSON object")
+                return Schedule(fields["name"], **fields["options"])
         except (KeyError, TypeError, ValueError) as e:
             raise OptionError(f"{where}: optimizer option {key} is malformed ({e})") from None
         if tag == "unrecorded":

@@ -6,7 +6,7 @@
     ...                         metrics=["accuracy"])
     >>> history = trainer.fit(ds.x_train, ds.y_train, epochs=5, verbose=0)
     >>> sorted(history.history)
-    ['accuracy', 'loss']
+    ['accuracy', 'loss', 'lr']
 
 Outside it reads like Keras; inside, each epoch (or each ``steps_per_call`` chunk of
 one) is a single compiled ``lax.scan`` (see :mod:`jadam.train.loop`). The trainer
@@ -16,6 +16,8 @@ whatever optax transformation it was given.
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +40,7 @@ from jadam.train.loop import Programs, TrainState, batch_plan, train_plan
 from jadam.train.losses import get_loss, get_metric
 from jadam.train.models import ModelAdapter
 from jadam.train.progress import Progress, format_bytes, format_logs
+from jadam.train.schedules import CONTROLS, check_controls, controlled, find_scale, replace_scale
 
 # name -> attribute of the `jadam` package holding the constructor. One small table;
 # options (learning_rate, b1, ...) are passed through as keyword arguments.
@@ -63,16 +66,42 @@ OPTIMIZERS = {
 
 
 def make_optimizer(name: str, options: Mapping[str, Any] | None = None):
-    """Build a jadam optimizer by name, e.g. ``make_optimizer("adam", {"learning_rate": 1e-2})``."""
+    """Build a jadam optimizer by name, e.g. ``make_optimizer("adam", {"learning_rate": 1e-2})``.
+
+    Besides the optimizer's own options (``learning_rate`` a number or a
+    :class:`jadam.Schedule`, ``b1``, ...), Keras' optimizer arguments apply:
+    ``clipnorm`` (clip each leaf's gradient norm), ``global_clipnorm``
+    (``optax.clip_by_global_norm``) and ``gradient_accumulation_steps`` (average the
+    gradients of that many batches per update, ``optax.MultiSteps``). The result also
+    holds a learning-rate scale in its state (see :func:`jadam.train.schedules.controlled`).
+    """
+    ctor = _constructor(name)
+    options = dict(options or {})
+    controls = check_controls({k: options.pop(k) for k in CONTROLS if k in options})
+    try:
+        tx = ctor(**options)
+    except TypeError as e:
+        raise ValueError(f"bad options for optimizer {name!r}: {e}") from None
+    return controlled(tx, controls)
+
+
+def _constructor(name: str):
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; known optimizers: {sorted(OPTIMIZERS)}")
     ctor = getattr(jadam, OPTIMIZERS[name], None)
     if ctor is None:
         raise ValueError(f"optimizer {name!r} is not available in this jadam build")
-    try:
-        return ctor(**dict(options or {}))
-    except TypeError as e:
-        raise ValueError(f"bad options for optimizer {name!r}: {e}") from None
+    return ctor
+
+
+def _base_learning_rate(name: str, options: Mapping[str, Any]) -> Any:
+    """The optimizer's learning rate (a number or a schedule), or None if it has none."""
+    if "learning_rate" in options:
+        return options["learning_rate"]
+    param = inspect.signature(_constructor(name)).parameters.get("learning_rate")
+    if param is None or param.default is inspect.Parameter.empty:
+        return None
+    return param.default
 
 
 def class_weights(class_weight: Any, y: np.ndarray) -> np.ndarray:
@@ -115,6 +144,13 @@ class Trainer:
       optimizer: a name (``"adam"``, ``"adamw"``, ``"nadam"``, ``"radam"``,
         ``"adamax"``, ``"amsgrad"``) built with ``optimizer_options``, or any optax
         ``GradientTransformation``.
+      optimizer_options: the named optimizer's options, and Keras' optimizer
+        arguments: ``{"learning_rate": 1e-3, "clipnorm": 1.0}``, ``"global_clipnorm"``,
+        ``"gradient_accumulation_steps"``; ``learning_rate`` may be a
+        ``jadam.Schedule("cosine", init_value=1e-3, decay_steps=1000)`` (saved with
+        checkpoints as JSON). See :func:`make_optimizer`. The learning rate of each
+        epoch is recorded in the History as ``"lr"`` (:attr:`learning_rate` at the
+        epoch's end), and callbacks can change it between epochs without recompiling.
       loss: ``binary_crossentropy``, ``categorical_crossentropy``,
         ``sparse_categorical_crossentropy``, ``mse`` or ``mae``; computed from logits.
       metrics: any of ``accuracy`` (matching the loss), ``auc`` (binary), ``mse``, ``mae``;
@@ -185,11 +221,17 @@ class Trainer:
         if isinstance(optimizer, str):
             self.optimizer_config = {"name": optimizer, "options": dict(optimizer_options or {})}
             self.tx = make_optimizer(optimizer, optimizer_options)
+            options = self.optimizer_config["options"]
+            self._base_lr = _base_learning_rate(optimizer, options)
+            self._accumulation = int(options.get("gradient_accumulation_steps") or 1)
         elif isinstance(optimizer, optax.GradientTransformation):
             if optimizer_options:
                 raise ValueError("optimizer_options only apply to an optimizer given by name")
             self.optimizer_config = {"name": None, "options": {}}
-            self.tx = optimizer
+            # The same learning-rate scale in the state as a named optimizer's, so a
+            # checkpoint of either loads with the other (`Trainer.load(optimizer=)`).
+            self.tx = controlled(optimizer, {})
+            self._base_lr, self._accumulation = None, 1  # optax's own: rate unknown here
         else:
             raise TypeError(
                 "optimizer must be a name or an optax GradientTransformation, "
@@ -324,6 +366,56 @@ class Trainer:
     @property
     def step(self) -> int:
         return 0 if not self.built else int(to_host(self.state.step))
+
+    # ------------------------------------------------------------------ learning rate
+
+    def _lr_scale_now(self) -> float:
+        found = None if not self.built else find_scale(self.state.opt_state)
+        return 1.0 if found is None else float(to_host(found.scale))
+
+    def _lr_at(self, steps: int, scale: float) -> float | None:
+        """The rate the update after ``steps`` batches uses (None: not known)."""
+        base = self._base_lr
+        if base is None:
+            return None
+        if callable(base):
+            base = np.asarray(base(np.int32(steps // self._accumulation)))
+        return float(base) * scale
+
+    @property
+    def learning_rate(self) -> float | None:
+        """The rate of the next update: the optimizer's learning rate (its schedule at
+        the update count) times the scale callbacks set. None when the optimizer is an
+        optax object, whose rate the trainer does not know."""
+        return self._lr_at(self.step, self._lr_scale_now())
+
+    def set_learning_rate(self, value: float) -> None:
+        """Make the next update use rate ``value``, without recompiling: the scale held
+        in the optimizer state becomes ``value / schedule(step)``, so a schedule goes on
+        scaled by it (and the scale is saved with checkpoints). Only for an optimizer
+        given by name."""
+        self._need_built()
+        if find_scale(self.state.opt_state) is None or self._base_lr is None:
+            raise ValueError(
+                "the learning rate can be set only for an optimizer given by name "
+                "(Trainer(model, 'adam', optimizer_options={'learning_rate': ...}))"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
+            raise ValueError(f"learning rate must be a number, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"learning rate must be finite and >= 0, got {value}")
+        base = self._lr_at(self.step, 1.0)
+        if base == 0:
+            if value == 0:
+                return
+            raise ValueError(
+                f"the schedule's rate at update {self.step // self._accumulation} is 0: "
+                f"no scale makes it {value}"
+            )
+        scale = np.float32(value / base)
+        placed = self.programs.replicate(scale) if self.mesh is not None else jnp.asarray(scale)
+        self.state = self.state._replace(opt_state=replace_scale(self.state.opt_state, placed))
+        self._lr_scale = float(scale)
 
     def _need_built(self) -> None:
         if not self.built:
@@ -517,6 +609,9 @@ class Trainer:
         starts = list(range(0, full, spc)) or [0]
         steps = full + (n % batch_size > 0)
         history = History()
+        # The rate of each epoch is computed on the host from the step count (no device
+        # read per epoch); the scale changes only through set_learning_rate.
+        lr_steps, self._lr_scale = [self.step], self._lr_scale_now()
         self.stop_training = False
         for cb in callbacks:
             cb.set_trainer(self)
@@ -540,6 +635,10 @@ class Trainer:
             if vflat is not None:
                 vlogs = self._logs(to_host(vflat))
                 logs.update({"val_" + k: v for k, v in vlogs.items()})
+            lr_steps[0] += steps
+            lr = self._lr_at(lr_steps[0], self._lr_scale)
+            if lr is not None:
+                logs["lr"] = lr
             history.append(epoch, logs)
             self.history.append(epoch, logs)
             progress.epoch_end(epoch, logs, time.perf_counter() - t0)
@@ -548,6 +647,8 @@ class Trainer:
 
         try:
             for _ in range(epochs):
+                for cb in callbacks:
+                    cb.on_epoch_begin(self.epochs_done, {})
                 t0 = time.perf_counter()
                 perm = self.np_rng.permutation(n).astype(np.int32) if shuffle else None
                 idx, rem = train_plan(n, batch_size, perm)

@@ -173,7 +173,7 @@ def test_zero1_keeps_one_eighth_of_the_optimizer_state_per_device(eight):
     assert eight["moment_leaves"] == 8  # mu and nu of 2 kernels and 2 biases
     assert eight["moment_fractions"] == [0.125] and eight["moment_devices"] == [8]
     total, (per_device,) = eight["z1_total"], eight["z1_per_device"]
-    count_bytes = 4  # the step count: a replicated int32 scalar
+    count_bytes = 8  # replicated scalars: the int32 step count and the float32 lr scale
     assert per_device == (total - count_bytes) // 8 + count_bytes
     assert eight["rep_per_device"] == [total]
     assert "per device" in eight["summary"] and "ZeRO-1" in eight["summary"]

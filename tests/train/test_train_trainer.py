@@ -38,7 +38,8 @@ def test_breast_cancer_default_settings_reach_95_percent(bc):
         bc.x_train, bc.y_train, batch_size=32, epochs=50,
         validation_data=(bc.x_val, bc.y_val), verbose=0,
     )  # fmt: skip
-    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy", "lr"}
+    assert history.history["lr"] == [1e-3] * 50  # adam's default rate, every epoch
     assert len(history.history["loss"]) == 50
     assert history.history["loss"][-1] < history.history["loss"][0]
     assert trainer.evaluate(bc.x_test, bc.y_test)["accuracy"] >= 0.95
