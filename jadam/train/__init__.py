@@ -20,3 +20,4 @@ from jadam.train.models import MLP as MLP
 from jadam.train.models import Combine as Combine
 from jadam.train.schedules import Schedule as Schedule
 from jadam.train.trainer import Trainer as Trainer
+from jadam.train.trainer import make_optimizer as make_optimizer

@@ -142,6 +142,7 @@ def _need_rate(trainer, who: str) -> float:
             f"{who} changes the learning rate, which the trainer knows only for an optimizer "
             "given by name: Trainer(model, 'adam', optimizer_options={'learning_rate': ...})"
         )
+    trainer._enable_lr_changes()  # before the first epoch compiles: no extra compilation
     return lr
 
 

@@ -83,7 +83,8 @@ def decode_options(options: Any, name: str, where: str) -> dict:
             raise OptionError(
                 f"{where}: trained with optimizer option {key}= a {fields.get('type')} "
                 f"(a schedule or function), which a checkpoint cannot store; pass the "
-                f"optimizer: Trainer.load(path, optimizer=jadam.{name}(...))"
+                f"optimizer: Trainer.load(path, optimizer=jadam.train.make_optimizer("
+                f"{name!r}, {{...}}))"
             )
         raise OptionError(f"{where}: optimizer option {key} has an unknown tag {str(tag)[:40]!r}")
 

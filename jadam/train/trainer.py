@@ -40,7 +40,14 @@ from jadam.train.loop import Programs, TrainState, batch_plan, train_plan
 from jadam.train.losses import get_loss, get_metric
 from jadam.train.models import ModelAdapter
 from jadam.train.progress import Progress, format_bytes, format_logs
-from jadam.train.schedules import CONTROLS, check_controls, controlled, find_scale, replace_scale
+from jadam.train.schedules import (
+    CONTROLS,
+    LearningRateSwitch,
+    check_controls,
+    controlled,
+    find_scale,
+    replace_scale,
+)
 
 # name -> attribute of the `jadam` package holding the constructor. One small table;
 # options (learning_rate, b1, ...) are passed through as keyword arguments.
@@ -65,7 +72,9 @@ OPTIMIZERS = {
 }
 
 
-def make_optimizer(name: str, options: Mapping[str, Any] | None = None):
+def make_optimizer(
+    name: str, options: Mapping[str, Any] | None = None, *, switch: LearningRateSwitch | None = None
+):
     """Build a jadam optimizer by name, e.g. ``make_optimizer("adam", {"learning_rate": 1e-2})``.
 
     Besides the optimizer's own options (``learning_rate`` a number or a
@@ -73,16 +82,22 @@ def make_optimizer(name: str, options: Mapping[str, Any] | None = None):
     ``clipnorm`` (clip each leaf's gradient norm), ``global_clipnorm``
     (``optax.clip_by_global_norm``) and ``gradient_accumulation_steps`` (average the
     gradients of that many batches per update, ``optax.MultiSteps``). The result also
-    holds a learning-rate scale in its state (see :func:`jadam.train.schedules.controlled`).
+    holds a learning-rate scale in its state (see :func:`jadam.train.schedules.controlled`);
+    ``Trainer.load(path, optimizer=make_optimizer(name, options))`` loads a checkpoint
+    whose options could not be stored (a schedule function).
     """
     ctor = _constructor(name)
     options = dict(options or {})
     controls = check_controls({k: options.pop(k) for k in CONTROLS if k in options})
+    lr = _base_learning_rate(name, options)
+
+    def make(rate):
+        return ctor(**options) if lr is None else ctor(**{**options, "learning_rate": rate})
+
     try:
-        tx = ctor(**options)
+        return controlled(make, lr, controls, switch)
     except TypeError as e:
         raise ValueError(f"bad options for optimizer {name!r}: {e}") from None
-    return controlled(tx, controls)
 
 
 def _constructor(name: str):
@@ -220,7 +235,8 @@ class Trainer:
             raise ValueError(f"metrics listed twice: {list(metrics)}")
         if isinstance(optimizer, str):
             self.optimizer_config = {"name": optimizer, "options": dict(optimizer_options or {})}
-            self.tx = make_optimizer(optimizer, optimizer_options)
+            self._lr_switch = LearningRateSwitch()
+            self.tx = make_optimizer(optimizer, optimizer_options, switch=self._lr_switch)
             options = self.optimizer_config["options"]
             self._base_lr = _base_learning_rate(optimizer, options)
             self._accumulation = int(options.get("gradient_accumulation_steps") or 1)
@@ -228,9 +244,8 @@ class Trainer:
             if optimizer_options:
                 raise ValueError("optimizer_options only apply to an optimizer given by name")
             self.optimizer_config = {"name": None, "options": {}}
-            # The same learning-rate scale in the state as a named optimizer's, so a
-            # checkpoint of either loads with the other (`Trainer.load(optimizer=)`).
-            self.tx = controlled(optimizer, {})
+            self.tx = optimizer
+            self._lr_switch = None
             self._base_lr, self._accumulation = None, 1  # optax's own: rate unknown here
         else:
             raise TypeError(
@@ -382,6 +397,21 @@ class Trainer:
             base = np.asarray(base(np.int32(steps // self._accumulation)))
         return float(base) * scale
 
+    def _enable_lr_changes(self) -> None:
+        """Let updates read the learning-rate scale: the train programs are traced
+        again once (at most once per trainer), with the scale in them."""
+        if self._lr_switch is None or self._base_lr is None:
+            raise ValueError(
+                "the learning rate can be changed only for an optimizer given by name "
+                "(Trainer(model, 'adam', optimizer_options={'learning_rate': ...}))"
+            )
+        if self._lr_switch.active:
+            return
+        self._lr_switch.active = True
+        for fn in vars(self.programs).values():  # every jitted program: it may call update
+            if hasattr(fn, "clear_cache"):
+                fn.clear_cache()
+
     @property
     def learning_rate(self) -> float | None:
         """The rate of the next update: the optimizer's learning rate (its schedule at
@@ -395,11 +425,7 @@ class Trainer:
         scaled by it (and the scale is saved with checkpoints). Only for an optimizer
         given by name."""
         self._need_built()
-        if find_scale(self.state.opt_state) is None or self._base_lr is None:
-            raise ValueError(
-                "the learning rate can be set only for an optimizer given by name "
-                "(Trainer(model, 'adam', optimizer_options={'learning_rate': ...}))"
-            )
+        self._enable_lr_changes()
         if isinstance(value, bool) or not isinstance(value, int | float | np.floating):
             raise ValueError(f"learning rate must be a number, got {value!r}")
         if not math.isfinite(value) or value < 0:
@@ -612,6 +638,8 @@ class Trainer:
         # The rate of each epoch is computed on the host from the step count (no device
         # read per epoch); the scale changes only through set_learning_rate.
         lr_steps, self._lr_scale = [self.step], self._lr_scale_now()
+        if self._lr_scale != 1.0:  # e.g. restored from a checkpoint: updates must read it
+            self._enable_lr_changes()
         self.stop_training = False
         for cb in callbacks:
             cb.set_trainer(self)

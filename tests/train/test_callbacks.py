@@ -96,13 +96,30 @@ def test_learning_rate_scheduler_equals_the_same_piecewise_schedule():
     assert a.programs.trace_counts["train"] == 1
 
 
-def test_the_scale_is_saved_with_checkpoints(tmp_path):
+def test_the_scale_is_saved_with_checkpoints_and_resumes_exactly(tmp_path):
     x, y = _toy()
     t = _trainer()
     t.fit(x, y, batch_size=16, epochs=1, verbose=0)
     t.set_learning_rate(2.5e-3)
     t.save(tmp_path / "ck")
-    assert Trainer.load(tmp_path / "ck").learning_rate == pytest.approx(2.5e-3, rel=1e-6)
+    back = Trainer.load(tmp_path / "ck")
+    assert back.learning_rate == pytest.approx(2.5e-3, rel=1e-6)
+    t.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    back.fit(x, y, batch_size=16, epochs=2, verbose=0)  # reads the restored scale
+    for a, b in zip(jax.tree.leaves(t.params), jax.tree.leaves(back.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert back.history.history["lr"] == t.history.history["lr"]
+
+
+def test_changing_the_rate_after_plain_epochs_compiles_once_more_at_most():
+    x, y = _toy()
+    t = _trainer()
+    t.fit(x, y, batch_size=16, epochs=2, verbose=0)  # the rate never changed: no scale read
+    cb = ReduceLROnPlateau("loss", factor=0.5, patience=1, min_delta=10.0)
+    h = t.fit(x, y, batch_size=16, epochs=4, callbacks=[cb], verbose=0)
+    assert h.history["lr"] == pytest.approx([1e-2, 1e-2, 5e-3, 2.5e-3], rel=1e-6)
+    t.fit(x, y, batch_size=16, epochs=2, callbacks=[cb], verbose=0)
+    assert t.programs.trace_counts["train"] == 2
 
 
 def test_rate_callbacks_need_a_named_optimizer():
