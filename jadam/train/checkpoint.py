@@ -771,6 +771,9 @@ def _load(cls, directory, model, optimizer, mesh, zero1):
             f"{str(e)[:300]}"
         ) from None
     items = _flat_state(abstract_state)
+    missing_scale = _missing_lr_scale(items, entries)
+    if missing_scale is not None:  # written before the learning-rate scale existed: 1.0
+        del items[missing_scale]
     if len(items) != len(entries):
         raise CheckpointError(
             f"checkpoint does not match this model/optimizer: {len(entries)} arrays stored, "
@@ -805,6 +808,8 @@ def _load(cls, directory, model, optimizer, mesh, zero1):
                 f"checkpoint is corrupt: array {e['path']} fails its SHA-256 check"
             )
         leaves.append(a)
+    if missing_scale is not None:
+        leaves.insert(missing_scale, np.ones((), np.float32))
     treedef = jax.tree.structure(target._asdict())  # the order _flat_state used
     state = type(target)(**jax.tree.unflatten(treedef, leaves))
     trainer.state = trainer.programs.place_state(state)
@@ -812,6 +817,19 @@ def _load(cls, directory, model, optimizer, mesh, zero1):
     trainer.epochs_done = cfg["epochs_done"]
     trainer.history = history
     return trainer
+
+
+def _missing_lr_scale(items: list, entries: list) -> int | None:
+    """The index of the trainer's learning-rate scale among `items` when a checkpoint
+    written before it existed lacks exactly that array, else None."""
+    if len(items) != len(entries) + 1:
+        return None
+    for i, (path, leaf) in enumerate(items):
+        if path.endswith(".scale") and leaf.shape == () and leaf.dtype == np.float32:
+            rest = [p for j, (p, _) in enumerate(items) if j != i]
+            if rest == [e["path"] for e in entries]:
+                return i
+    return None
 
 
 def run_marker() -> dict:

@@ -501,3 +501,19 @@ def test_readers_racing_a_writer_see_old_or_new(tmp_path):
     thread.join()
     assert not errors, errors
     assert set(seen) <= {0, 7, "in progress"}
+
+
+def test_checkpoint_without_the_learning_rate_scale_is_read_with_scale_one():
+    """Checkpoints written before the trainer kept a learning-rate scale lack exactly that
+    array; loading recognises the gap (and only that gap) and fills in 1.0."""
+    import numpy as np
+
+    from jadam.train.checkpoint import _missing_lr_scale
+
+    f32 = np.zeros((), np.float32)
+    items = [(".params['w']", np.zeros((2,), np.float32)), (".opt_state[1].scale", f32),
+             (".step", np.zeros((), np.int32))]  # fmt: skip
+    entries = [{"path": ".params['w']"}, {"path": ".step"}]
+    assert _missing_lr_scale(items, entries) == 1
+    assert _missing_lr_scale(items, [*entries, {"path": ".x"}]) is None
+    assert _missing_lr_scale(items, [{"path": ".params['w']"}, {"path": ".other"}]) is None
