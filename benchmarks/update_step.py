@@ -22,7 +22,7 @@ AVX-512 code. The first lines printed name the CPU, the level, the backend and
 the versions; the last, the ratios that the performance targets are stated in.
 
 All JAX steps are jitted with the parameters and the state donated (without
-donation each step page-faults fresh buffers: 3x slower, FACTS.md). The
+donation each step page-faults fresh buffers, about 3x slower here). The
 contenders run interleaved, A B C A B C ..., and the table reports medians
 from this one run: these machines drift between runs. Within a round each
 contender first takes one untimed step, then the timed one: the step that runs
