@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import optax
 
 from jadam import _numerics as nx
-from jadam._storage import leaf_keys, resolve_storage
-from jadam._transforms._common import ScalarOrSchedule, with_learning_rate, zeros_state
+from jadam._storage import resolve_storage
+from jadam._transforms._common import ScalarOrSchedule, with_learning_rate
+from jadam._transforms.adam import moment_transform
 
 
 class ScaleByBeliefState(NamedTuple):
@@ -75,39 +76,24 @@ def scale_by_adabelief(
     mu_store = resolve_storage("mu_dtype", mu_dtype)
     nu_store = resolve_storage("nu_dtype", nu_dtype)
 
-    def init_fn(params):
-        return ScaleByBeliefState(
-            count=jnp.zeros([], jnp.int32),
-            mu=zeros_state(mu_store, params),
-            nu=zeros_state(nu_store, params),
-        )
+    def leaf_update(g, mu, nu, *, count, key):
+        dtype = nx.compute_dtype(g.dtype)
+        g32 = g.astype(dtype)
+        b1_, one_minus_b1 = nx.decay_terms(b1, dtype)
+        b2_, one_minus_b2 = nx.decay_terms(b2, dtype)
+        m = b1_ * mu_store.read(mu, dtype) + one_minus_b1 * g32
+        s = b2_ * nu_store.read(nu, dtype) + one_minus_b2 * jnp.square(g32 - m) + eps_root
+        bc1 = nx.one_minus_power(b1, count, dtype)
+        if nesterov:
+            bc1_next = nx.one_minus_power(b1, nx.safe_increment(count), dtype)
+            m_hat = b1_ * m / bc1_next + one_minus_b1 * g32 / bc1
+        else:
+            m_hat = m / bc1
+        s_hat = s / nx.one_minus_power(b2, count, dtype)
+        direction = m_hat / (jnp.sqrt(s_hat) + eps)
+        return direction.astype(g.dtype), mu_store.write(m, mu, key), nu_store.write(s, nu, key)
 
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        count = nx.safe_increment(state.count)
-
-        def leaf(g, key, mu, nu):
-            dtype = nx.compute_dtype(g.dtype)
-            g32 = g.astype(dtype)
-            b1_, one_minus_b1 = nx.decay_terms(b1, dtype)
-            b2_, one_minus_b2 = nx.decay_terms(b2, dtype)
-            m = b1_ * mu_store.read(mu, dtype) + one_minus_b1 * g32
-            s = b2_ * nu_store.read(nu, dtype) + one_minus_b2 * jnp.square(g32 - m) + eps_root
-            bc1 = nx.one_minus_power(b1, count, dtype)
-            if nesterov:
-                bc1_next = nx.one_minus_power(b1, nx.safe_increment(count), dtype)
-                m_hat = b1_ * m / bc1_next + one_minus_b1 * g32 / bc1
-            else:
-                m_hat = m / bc1
-            s_hat = s / nx.one_minus_power(b2, count, dtype)
-            direction = m_hat / (jnp.sqrt(s_hat) + eps)
-            return direction.astype(g.dtype), mu_store.write(m, mu, key), nu_store.write(s, nu, key)
-
-        keys = leaf_keys(updates, count, mu_store, nu_store)
-        direction, mu, nu = nx.map_moments(leaf, updates, keys, state.mu, state.nu)
-        return direction, ScaleByBeliefState(count, mu, nu)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return moment_transform(leaf_update, mu_store, nu_store, state=ScaleByBeliefState)
 
 
 def adabelief(

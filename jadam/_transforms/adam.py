@@ -44,29 +44,42 @@ def init_adam_state(params: Any, mu_store: Any, nu_store: Any) -> ScaleByAdamSta
 
 
 def moment_transform(
-    leaf_update: Any, mu_store: Any, nu_store: Any
+    leaf_update: Any,
+    mu_store: Any,
+    nu_store: Any,
+    *,
+    state: Any = ScaleByAdamState,
+    init_moment: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """The (count, mu, nu) transform around a per-leaf rule.
 
     `leaf_update(g, mu, nu, *, count, key) -> (direction, new_mu, new_nu)` gets one
     gradient leaf, its stored moments, the incremented step and its rounding key.
+    `state` is the (count, mu, nu) NamedTuple the transform keeps; `init_moment(store,
+    param)` gives a moment's start (default: the storage's zero).
     """
 
     def init_fn(params):
-        return init_adam_state(params, mu_store, nu_store)
+        if init_moment is None:
+            return state(*init_adam_state(params, mu_store, nu_store))
+        return state(
+            jnp.zeros([], jnp.int32),
+            jax.tree.map(lambda p: init_moment(mu_store, p), params),
+            jax.tree.map(lambda p: init_moment(nu_store, p), params),
+        )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(updates, state_, params=None, **extra_args):
         del params, extra_args
-        count = nx.safe_increment(state.count)
+        count = nx.safe_increment(state_.count)
         keys = leaf_keys(updates, count, mu_store, nu_store)
         direction, mu, nu = nx.map_moments(
             lambda g, key, mu, nu: leaf_update(g, mu, nu, count=count, key=key),
             updates,
             keys,
-            state.mu,
-            state.nu,
+            state_.mu,
+            state_.nu,
         )
-        return direction, ScaleByAdamState(count, mu, nu)
+        return direction, state(count, mu, nu)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

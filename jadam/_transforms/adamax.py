@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import optax
 
 from jadam import _numerics as nx
-from jadam._transforms.adam import check_moment_args, moment_transform
 from jadam._storage import resolve_storage
+from jadam._transforms.adam import check_moment_args, moment_transform
 
 
 def scale_by_adamax(

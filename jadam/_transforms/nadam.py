@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from jadam import _numerics as nx
-from jadam._transforms.adam import adam_denominator, check_moment_args, update_moments
 from jadam._storage import leaf_keys, resolve_storage
+from jadam._transforms.adam import adam_denominator, check_moment_args, update_moments
 
 # psi in mu_t = b1 * (1 - 0.5 * 0.96 ** (t * psi)) when `momentum_decay=None`.
 # None means a constant mu_t = b1 (the limit psi -> infinity), optax's NAdam.

@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import optax
 
 from jadam import _numerics as nx
+from jadam._storage import resolve_storage
 from jadam._transforms.adam import (
     adam_denominator,
     check_moment_args,
     moment_transform,
     update_moments,
 )
-from jadam._storage import resolve_storage
 
 
 def scale_by_radam(

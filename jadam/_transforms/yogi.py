@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import optax
 
 from jadam import _numerics as nx
-from jadam._storage import leaf_keys, resolve_storage
+from jadam._storage import resolve_storage
 from jadam._transforms._common import ScalarOrSchedule, with_learning_rate
+from jadam._transforms.adam import moment_transform
 
 
 class ScaleByYogiState(NamedTuple):
@@ -66,44 +67,27 @@ def scale_by_yogi(
     mu_store = resolve_storage("mu_dtype", mu_dtype)
     nu_store = resolve_storage("nu_dtype", nu_dtype)
 
-    def start(store):
-        def init(p):
-            stored = store.init(p)
-            value = jnp.full(jnp.shape(p), initial_accumulator_value, nx.compute_dtype(p.dtype))
-            return store.write(value, stored)
+    def start(store, p):
+        value = jnp.full(jnp.shape(p), initial_accumulator_value, nx.compute_dtype(p.dtype))
+        return store.write(value, store.init(p))
 
-        return init
+    def leaf_update(g, mu, nu, *, count, key):
+        dtype = nx.compute_dtype(g.dtype)
+        g32 = g.astype(dtype)
+        b1_, one_minus_b1 = nx.decay_terms(b1, dtype)
+        _, one_minus_b2 = nx.decay_terms(b2, dtype)
+        m = b1_ * mu_store.read(mu, dtype) + one_minus_b1 * g32
+        v_prev = nu_store.read(nu, dtype)
+        g2 = jnp.square(g32)
+        v = v_prev - one_minus_b2 * jnp.sign(v_prev - g2) * g2
+        m_hat = m / nx.one_minus_power(b1, count, dtype)
+        v_hat = v / nx.one_minus_power(b2, count, dtype)
+        direction = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+        return direction.astype(g.dtype), mu_store.write(m, mu, key), nu_store.write(v, nu, key)
 
-    def init_fn(params):
-        return ScaleByYogiState(
-            count=jnp.zeros([], jnp.int32),
-            mu=jax.tree.map(start(mu_store), params),
-            nu=jax.tree.map(start(nu_store), params),
-        )
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
-        count = nx.safe_increment(state.count)
-
-        def leaf(g, key, mu, nu):
-            dtype = nx.compute_dtype(g.dtype)
-            g32 = g.astype(dtype)
-            b1_, one_minus_b1 = nx.decay_terms(b1, dtype)
-            _, one_minus_b2 = nx.decay_terms(b2, dtype)
-            m = b1_ * mu_store.read(mu, dtype) + one_minus_b1 * g32
-            v_prev = nu_store.read(nu, dtype)
-            g2 = jnp.square(g32)
-            v = v_prev - one_minus_b2 * jnp.sign(v_prev - g2) * g2
-            m_hat = m / nx.one_minus_power(b1, count, dtype)
-            v_hat = v / nx.one_minus_power(b2, count, dtype)
-            direction = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
-            return direction.astype(g.dtype), mu_store.write(m, mu, key), nu_store.write(v, nu, key)
-
-        keys = leaf_keys(updates, count, mu_store, nu_store)
-        direction, mu, nu = nx.map_moments(leaf, updates, keys, state.mu, state.nu)
-        return direction, ScaleByYogiState(count, mu, nu)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return moment_transform(
+        leaf_update, mu_store, nu_store, state=ScaleByYogiState, init_moment=start
+    )
 
 
 def yogi(
