@@ -344,6 +344,31 @@ def _training_controls(args, n_train: int) -> dict:
     return opts
 
 
+def _hidden_layers(layers: str) -> list[int]:
+    """`--layers 64,32` as sizes, each >= 1."""
+    try:
+        hidden = [int(s) for s in layers.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--layers must be comma-separated integers, got {layers!r}") from None
+    if any(h < 1 for h in hidden):
+        raise ValueError(f"--layers sizes must be >= 1, got {layers!r}")
+    return hidden
+
+
+def _write_whole(path: str, write) -> None:
+    """Call `write(tmp)` on a temporary sibling of `path`, then rename it over `path`:
+    the file is replaced only once complete, and nothing is left behind on failure."""
+    tmp = os.path.join(
+        os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp"
+    )
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
 def _train(args) -> int:
     import jax
 
@@ -352,14 +377,7 @@ def _train(args) -> int:
     from jadam.train.models import MLP
     from jadam.train.trainer import Trainer
 
-    try:
-        hidden = [int(s) for s in args.layers.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(
-            f"--layers must be comma-separated integers, got {args.layers!r}"
-        ) from None
-    if any(h < 1 for h in hidden):
-        raise ValueError(f"--layers sizes must be >= 1, got {args.layers!r}")
+    hidden = _hidden_layers(args.layers)
     out = args.out or os.path.join(
         "runs",
         f"{os.path.splitext(os.path.basename(args.data))[0]}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -446,14 +464,7 @@ def _find_lr(args) -> int:
     from jadam.train.models import MLP
     from jadam.train.trainer import Trainer
 
-    try:
-        hidden = [int(s) for s in args.layers.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(
-            f"--layers must be comma-separated integers, got {args.layers!r}"
-        ) from None
-    if any(h < 1 for h in hidden):
-        raise ValueError(f"--layers sizes must be >= 1, got {args.layers!r}")
+    hidden = _hidden_layers(args.layers)
     if not args.plot.lower().endswith(".png"):
         raise ValueError(f"--plot {args.plot} must name a .png file")
     _check_output(args.plot, "--plot")  # before the work, not after it
@@ -470,16 +481,7 @@ def _find_lr(args) -> int:
         ds.x_train, ds.y_train, start=args.start, end=args.end, steps=args.steps,
         batch_size=args.batch_size, smoothing=args.smoothing,
     )  # fmt: skip
-    tmp = os.path.join(
-        os.path.dirname(os.path.abspath(args.plot)),
-        f".{os.path.basename(args.plot)}.{os.getpid()}.tmp",
-    )
-    try:  # whole or not at all
-        res.plot(tmp)
-        os.replace(tmp, args.plot)
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
+    _write_whole(args.plot, res.plot)
     stop = "stopped when the loss diverged" if res.diverged else "did not diverge"
     print(
         f"jadam find-lr: {ds.name}, MLP {list(model.features)} {args.activation}, "
@@ -712,24 +714,17 @@ def _write_csv(path: str, header: list, rows: list) -> None:
 
     Anything else at ``path`` (``/dev/stdout``, a pipe) is written to directly.
     """
+
+    def write(target: str) -> None:
+        with open(target, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+
     if os.path.exists(path) and not os.path.isfile(path):
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
-        return
-    tmp = os.path.join(
-        os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp"
-    )
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
+        write(path)
+    else:
+        _write_whole(path, write)
 
 
 if __name__ == "__main__":
